@@ -1,0 +1,27 @@
+"""attndenoise: make pretrained language models attend to the relevant part of a noisy context.
+
+Public API (see README.md): ``METHODS``, ``config_for``, ``apply``, ``remove``, ``merge``, ``save``, ``load``,
+``step``, ``LambdaCallback``, ``reference_mode``.
+"""
+
+from . import methods as _methods  # noqa: F401  (registers every method)
+from .config import ConfigError, MethodConfig
+from .families import SUPPORTED as SUPPORTED_FAMILIES
+from .families import UnsupportedModelError
+from .io import AdapterLoadError, load, save
+from .methods.base import NotMergeableError
+from .methods.daa import DAAConfig
+from .methods.dex import DEXConfig
+from .methods.diffqkv import DiffKConfig, DiffQConfig, DiffVConfig
+from .patch import AlreadyAppliedError, NotAppliedError, apply, merge, method_modules, reference_mode, remove
+from .registry import METHODS, config_for
+from .schedule import LambdaCallback, current_lambdas, set_step, step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "config_for", "apply", "remove", "merge", "save", "load", "step", "set_step", "current_lambdas",
+    "LambdaCallback", "reference_mode", "method_modules", "MethodConfig", "DAAConfig", "DEXConfig", "DiffQConfig",
+    "DiffKConfig", "DiffVConfig", "ConfigError", "AdapterLoadError", "NotMergeableError", "UnsupportedModelError",
+    "AlreadyAppliedError", "NotAppliedError", "SUPPORTED_FAMILIES", "__version__",
+]

@@ -1,0 +1,143 @@
+"""Method configurations: the common fields every method shares, validated at construction.
+
+Each method file defines a dataclass that subclasses :class:`MethodConfig` and adds its own options
+(SPEC sections 1-8). Configs are plain data: they serialise to ``adapter_config.json`` and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+LayerSpec = str | list[int]
+
+_SCHEDULES = ("paper", "linear")
+_GRANULARITIES = ("head", "layer")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or out of range; the message lists what is accepted."""
+
+
+def _choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{name}={value!r} is not accepted; choose one of {', '.join(map(repr, accepted))}")
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method.
+
+    Attributes:
+        layers: which attention layers get the method: ``"all"``, a list of layer indices (negative indices count
+            from the end), or ``"every:N"`` (layers 0, N, 2N, ...) / ``"every:N:OFFSET"``.
+        anneal_steps: ``T`` of the lambda schedule (SPEC section 1); ``0`` means lambda equals the learned lambda
+            from the first step.
+        lambda_init: the constant of the schedule (SPEC 1), a float or ``"depth"`` for ``0.8 - 0.6 exp(-0.3 l)``.
+        lambda_schedule: ``"paper"`` is DAA eq. 3 taken literally (it peaks at ``lambda_init / 4`` at ``T/2``);
+            ``"linear"`` is ``min(1, t/T) * lambda_init + lambda_learn``.
+        lambda_granularity: one learned lambda per query head (``"head"``) or per layer (``"layer"``).
+    """
+
+    name: ClassVar[str] = ""
+    #: whether the method has parameters to train (SRA does not)
+    trainable: ClassVar[bool] = True
+
+    layers: LayerSpec = "all"
+    anneal_steps: int = 1000
+    lambda_init: float | str = 0.8
+    lambda_schedule: str = "paper"
+    lambda_granularity: str = "head"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the field, the bad value and what is accepted."""
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                _parse_every(self.layers)
+        elif isinstance(self.layers, (list, tuple)):
+            if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+                raise ConfigError(f"layers={self.layers!r}: give a non-empty list of layer indices")
+            self.layers = list(self.layers)
+        else:
+            raise ConfigError(f"layers={self.layers!r}: accepted are 'all', a list of indices, or 'every:N'")
+        if not isinstance(self.anneal_steps, int) or isinstance(self.anneal_steps, bool) or self.anneal_steps < 0:
+            raise ConfigError(f"anneal_steps={self.anneal_steps!r}: must be an integer >= 0")
+        if isinstance(self.lambda_init, str):
+            _choice("lambda_init", self.lambda_init, ("depth",))
+        elif not isinstance(self.lambda_init, (int, float)) or not math.isfinite(self.lambda_init):
+            raise ConfigError(f"lambda_init={self.lambda_init!r}: must be a finite number or 'depth'")
+        _choice("lambda_schedule", self.lambda_schedule, _SCHEDULES)
+        _choice("lambda_granularity", self.lambda_granularity, _GRANULARITIES)
+
+    # -- layer selection ----------------------------------------------------------------------------------------
+    def select_layers(self, num_layers: int) -> list[int]:
+        """Resolve :attr:`layers` against a model with ``num_layers`` attention layers."""
+        if self.layers == "all":
+            return list(range(num_layers))
+        if isinstance(self.layers, str):
+            every, offset = _parse_every(self.layers)
+            return list(range(offset, num_layers, every))
+        out = []
+        for i in self.layers:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ConfigError(f"layers: index {i} is out of range for a model with {num_layers} layers")
+            out.append(j)
+        return sorted(set(out))
+
+    def lambda_init_for(self, layer: int) -> float:
+        """The schedule constant for ``layer`` (SPEC 1; ``"depth"`` is the DIFF depth rule)."""
+        if self.lambda_init == "depth":
+            return 0.8 - 0.6 * math.exp(-0.3 * layer)
+        return float(self.lambda_init)
+
+    # -- serialisation ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        data = {k: v for k, v in data.items() if k != "method"}
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown field(s) {', '.join(unknown)} for method '{cls.name}'; "
+                f"accepted: {', '.join(cls.field_names())}"
+            )
+        return cls(**data)
+
+
+def _parse_every(spec: str) -> tuple[int, int]:
+    parts = spec.split(":")
+    try:
+        if parts[0] != "every" or len(parts) not in (2, 3):
+            raise ValueError
+        every = int(parts[1])
+        offset = int(parts[2]) if len(parts) == 3 else 0
+        if every < 1 or offset < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"layers={spec!r}: accepted are 'all', a list of indices, 'every:N' or 'every:N:OFFSET' (N >= 1)"
+        ) from None
+    return every, offset
+
+
+def positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Shared check for numeric options of the method configs."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r}: must be a number {'>=' if allow_zero else '>'} 0")
+
+
+__all__ = ["ConfigError", "MethodConfig", "LayerSpec", "positive", "field"]

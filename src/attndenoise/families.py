@@ -1,0 +1,176 @@
+"""Model families: where each supported architecture keeps its projections, norms and rotary embedding.
+
+Methods that form a second query or key from the layer input (DiffQ, DiffK, DIFF, DINT, ...) or fold into base
+weights (DEX, DiffV) need the per-head projections ``W_Q``, ``W_K``, ``W_V``, ``W_O`` in one layout. This module is
+the single place that knows how each family stores them (separate ``nn.Linear``, fused ``qkv_proj``, GPT-2's
+``Conv1D``). Rotary embedding is always the family's own ``apply_rotary_pos_emb``, looked up in its modelling module,
+so partial rotary (Phi-3) and any scaling behave exactly as in the stock model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnsupportedModelError(TypeError):
+    """The model's attention is not one of the supported families."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture lays out its attention projections.
+
+    ``layout`` is ``"split"`` (q_proj/k_proj/v_proj/o_proj), ``"fused"`` (Phi-3 qkv_proj + o_proj) or ``"conv1d"``
+    (GPT-2 c_attn + c_proj, weights stored as (in, out)).
+    """
+
+    name: str
+    attention_classes: tuple[str, ...]
+    layout: str
+    rotary: bool = True
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("LlamaAttention",), "split"),
+    Family("qwen2", ("Qwen2Attention",), "split"),
+    Family("qwen3", ("Qwen3Attention",), "split"),
+    Family("mistral", ("MistralAttention",), "split"),
+    Family("gemma2", ("Gemma2Attention",), "split"),
+    Family("gemma3", ("Gemma3Attention",), "split"),
+    Family("phi3", ("Phi3Attention",), "fused"),
+    Family("gpt2", ("GPT2Attention",), "conv1d", rotary=False),
+)
+_BY_CLASS = {cls: fam for fam in FAMILIES for cls in fam.attention_classes}
+SUPPORTED = ", ".join(f.name for f in FAMILIES)
+
+
+def family_of(module: nn.Module) -> Family | None:
+    return _BY_CLASS.get(type(module).__name__)
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All supported self-attention modules of ``model`` in layer order; an error names the supported families."""
+    found = [(n, m) for n, m in model.named_modules() if family_of(m) is not None]
+    found = [(n, m) for n, m in found if not getattr(m, "is_cross_attention", False)]
+    if not found:
+        kinds = sorted({type(m).__name__ for _, m in model.named_modules() if type(m).__name__.endswith("Attention")})
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported (attention modules: {', '.join(kinds) or 'none found'}); "
+            f"supported families: {SUPPORTED}"
+        )
+    return found
+
+
+@dataclass
+class Geometry:
+    """Shapes of one attention layer."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def geometry(module: nn.Module) -> Geometry:
+    cfg = module.config
+    h = cfg.num_attention_heads
+    return Geometry(
+        hidden_size=cfg.hidden_size,
+        num_heads=h,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or h,
+        head_dim=module.head_dim,
+    )
+
+
+# -- projections in (out, in) layout ------------------------------------------------------------------------------
+
+
+def _slices(module: nn.Module) -> dict[str, slice]:
+    g = geometry(module)
+    q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+    return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+
+
+def projection(module: nn.Module, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (out, in), bias or None)`` of ``W_Q``/``W_K``/``W_V`` (``which`` = q, k, v) or ``W_O`` (o).
+
+    Returned tensors are views of the live parameters (GPT-2's are transposed views), so in-place writes fold
+    into the model.
+    """
+    fam = family_of(module)
+    assert fam is not None
+    if fam.layout == "split":
+        lin = getattr(module, f"{which}_proj")
+        return lin.weight, lin.bias
+    if fam.layout == "fused":
+        if which == "o":
+            return module.o_proj.weight, module.o_proj.bias
+        sl = _slices(module)[which]
+        b = module.qkv_proj.bias
+        return module.qkv_proj.weight[sl], (b[sl] if b is not None else None)
+    # GPT-2 Conv1D: y = x @ W + b with W (in, out)
+    if which == "o":
+        return module.c_proj.weight.t(), module.c_proj.bias
+    sl = _slices(module)[which]
+    return module.c_attn.weight[:, sl].t(), module.c_attn.bias[sl]
+
+
+def project(module: nn.Module, x: torch.Tensor, which: str, *, bias: bool = True) -> torch.Tensor:
+    """Per-head projection of layer input ``x`` (B, N, d_model) -> (B, heads, N, d), before RoPE.
+
+    Applies the family's per-head ``q_norm`` / ``k_norm`` (Qwen3, Gemma 3) exactly where the stock forward does,
+    so ``rope(project(module, x, "q"))`` reproduces the stock query for the same ``x``.
+    """
+    w, b = projection(module, which)
+    y = F.linear(x, w, b if bias else None)
+    y = y.view(*x.shape[:-1], -1, module.head_dim)
+    norm = getattr(module, f"{which}_norm", None) if which in ("q", "k") else None
+    if norm is not None:
+        y = norm(y)
+    return y.transpose(1, 2)
+
+
+def _rotary_fn(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    fam = family_of(module)
+    if fam is None or not fam.rotary:
+        return None
+    return sys.modules[type(module).__module__].apply_rotary_pos_emb  # type: ignore[no-any-return]
+
+
+def rope(
+    module: nn.Module, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """Rotate ``x`` (B, H, N, d) with the family's own rotary embedding; identity for families without RoPE."""
+    fn = _rotary_fn(module)
+    if fn is None or position_embeddings is None:
+        return x
+    cos, sin = position_embeddings
+    return fn(x, x[:, :1], cos, sin)[0]
+
+
+def unrope(
+    module: nn.Module, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """Inverse of :func:`rope`: RoPE is a per-position rotation of pairs, scaled by ``cos^2 + sin^2`` when the
+    rope type applies an attention factor, so its inverse is the same map with ``(cos, -sin) / (cos^2 + sin^2)``."""
+    fn = _rotary_fn(module)
+    if fn is None or position_embeddings is None:
+        return x
+    cos, sin = position_embeddings
+    norm = cos.float().square() + sin.float().square()
+    icos, isin = (cos.float() / norm).to(cos.dtype), (-sin.float() / norm).to(sin.dtype)
+    return fn(x, x[:, :1], icos, isin)[0]
+
+
+def is_causal(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_causal", True))

@@ -1,0 +1,126 @@
+"""DiffQ, DiffK and DiffV (SPEC section 3; seed 002, section 3.3).
+
+One matrix ``W_D`` (d_model x d_model) per layer, identity at init, applied to the layer input before a pretrained
+projection (row-vector convention: ``X W_D``):
+
+* DiffQ: ``Q2 = R((X W_D) W_Q)``; ``O' = O(Q1, K, V) - lambda O(Q2, K, V)`` (one fused call, keys shared).
+* DiffK: ``K2 = R((X W_D) W_K)``; ``O' = O(Q, K1, V) - lambda O(Q, K2, V)``; ``K2`` is stored in the KV cache next
+  to ``K`` (concatenated on the head-dim axis), never recomputed over the prefix.
+* DiffV: ``V' = X (I - lambda W_D) W_V``; one attention call, the changed ``V'`` is what gets cached; after training
+  it merges into ``W_V``.
+
+The three share one file because they are one method applied to three projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import registry
+from ..config import MethodConfig
+from ..families import project, projection, rope
+from .base import Call, LayerContext, LayerInfo, MethodModule
+
+
+@dataclass
+class DiffQConfig(MethodConfig):
+    """DiffQ: second query from the transformed layer input."""
+
+    name = "diffq"
+
+
+@dataclass
+class DiffKConfig(MethodConfig):
+    """DiffK: second key set from the transformed layer input (cached)."""
+
+    name = "diffk"
+
+
+@dataclass
+class DiffVConfig(MethodConfig):
+    """DiffV: values from ``X (I - lambda W_D)``; mergeable into ``W_V``."""
+
+    name = "diffv"
+
+
+class _InputTransform(MethodModule):
+    """Holds ``W_D`` (identity init) and lambda."""
+
+    def __init__(self, config: MethodConfig, info: LayerInfo) -> None:
+        super().__init__(config, info)
+        self.weight = nn.Parameter(torch.eye(info.geometry.hidden_size))  # W_D
+        self.lam = self.make_lambda(self.lambda_heads)
+
+    #: how many per-head lambdas (query heads; DiffV's act on the key/value heads)
+    @property
+    def lambda_heads(self) -> int:
+        return self.info.geometry.num_heads
+
+    def transformed_input(self, ctx: LayerContext) -> torch.Tensor:
+        x = ctx.hidden_states
+        return torch.matmul(x, self.weight.to(x.dtype))
+
+
+class DiffQ(_InputTransform):
+    def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
+        q2 = project(attn, self.transformed_input(ctx), "q")
+        ctx.extras["q2"] = rope(attn, q2, ctx.position_embeddings)
+
+    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
+        return call.two_maps(query, key, ctx.extras["q2"], key, value, 1.0, -self.lam())
+
+
+class DiffK(_InputTransform):
+    caches_kv = True
+
+    def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
+        k2 = project(attn, self.transformed_input(ctx), "k")
+        ctx.extras["k2"] = rope(attn, k2, ctx.position_embeddings)
+
+    def store(self, attn, key, value, ctx: LayerContext):  # type: ignore[no-untyped-def]
+        return torch.cat([key, ctx.extras["k2"].to(key.dtype)], dim=-1), value
+
+    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
+        k1, k2 = key.chunk(2, dim=-1)
+        return call.two_maps(query, k1, query, k2, value, 1.0, -self.lam())
+
+
+class DiffV(_InputTransform):
+    caches_kv = True
+
+    @property
+    def lambda_heads(self) -> int:
+        # V is per key/value head: under GQA a per-query-head lambda has no meaning there.
+        return self.info.geometry.num_kv_heads
+
+    def _lam_kv(self) -> torch.Tensor:
+        return self.lam().reshape(1, -1, 1, 1)
+
+    def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
+        # (X W_D) W_V without the bias: V' = V - lambda (X W_D) W_V
+        ctx.extras["dv"] = project(attn, self.transformed_input(ctx), "v", bias=False)
+
+    def store(self, attn, key, value, ctx: LayerContext):  # type: ignore[no-untyped-def]
+        v = value.float() - self._lam_kv() * ctx.extras["dv"].float()
+        return key, v.to(value.dtype)
+
+    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
+        return call.one_map(query, key, value)
+
+    def merge_into(self, attn: nn.Module) -> None:
+        w, _ = projection(attn, "v")  # (out, in) view of the live weight
+        lam = self.lam().detach().float()
+        d = self.info.geometry.head_dim
+        per_row = lam.repeat_interleave(d) if lam.numel() > 1 else lam.expand(w.shape[0])
+        # W_V' = W_V - lambda W_V W_D^T, row r scaled by its head's lambda
+        delta = F.linear(w.float(), self.weight.float())  # W_V @ W_D^T
+        w.copy_((w.float() - per_row[:, None] * delta).to(w.dtype))
+
+
+registry.register(DiffQConfig, DiffQ)
+registry.register(DiffKConfig, DiffK)
+registry.register(DiffVConfig, DiffV)

@@ -1,0 +1,53 @@
+"""Method registry: the one place a method name is bound to its config class and its per-layer module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ConfigError, MethodConfig
+
+#: method name -> config class (public: ``attndenoise.METHODS``)
+METHODS: dict[str, type[MethodConfig]] = {}
+_MODULES: dict[str, type] = {}
+
+
+def register(config_cls: type[MethodConfig], module_cls: type) -> None:
+    """Bind ``config_cls.name`` to its config class and module class."""
+    name = config_cls.name
+    if not name:
+        raise ValueError(f"{config_cls.__name__} has no method name")
+    METHODS[name] = config_cls
+    _MODULES[name] = module_cls
+    module_cls.config_cls = config_cls
+
+
+def _known() -> str:
+    return ", ".join(sorted(METHODS))
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method '{name}'; known methods: {_known()}") from None
+
+
+def module_class(config: MethodConfig) -> type:
+    return _MODULES[config.name]
+
+
+def config_for(name: str, **overrides: Any) -> MethodConfig:
+    """A validated config for method ``name``; unknown names, fields or bad values raise :class:`ConfigError`."""
+    cls = config_class(name)
+    return cls.from_dict(overrides)
+
+
+def mergeable_methods() -> list[str]:
+    """Names of the methods whose module can fold into base weights."""
+    return sorted(n for n, m in _MODULES.items() if getattr(m, "merge_into", None) is not _base_merge())
+
+
+def _base_merge():  # type: ignore[no-untyped-def]
+    from .methods.base import MethodModule
+
+    return MethodModule.merge_into

@@ -1,0 +1,99 @@
+"""The lambda schedule (SPEC section 1) and what advances it during training.
+
+``lambda(t) = (1 - alpha) * (t / T) * lambda_init + alpha * lambda_learn``, ``alpha = min(1, t / T)`` (DAA eq. 3).
+The step ``t`` is a persistent buffer of every :class:`LambdaSchedule`, so it is saved with the adapter and a
+reloaded adapter computes what it computed when saved (SPEC 0.7).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+
+class LambdaSchedule(nn.Module):
+    """Learned lambda of one layer plus the schedule state.
+
+    Args:
+        num: 1 (one lambda for the layer) or the number of query heads (one per head).
+        lambda_init: the schedule constant of this layer.
+        anneal_steps: ``T``; 0 means ``lambda = lambda_learn`` from the first step.
+        kind: ``"paper"`` (DAA eq. 3, literal) or ``"linear"`` (``min(1, t/T) lambda_init + lambda_learn``).
+    """
+
+    def __init__(self, num: int, lambda_init: float, anneal_steps: int, kind: str = "paper") -> None:
+        super().__init__()
+        # The papers initialise lambda_learn "around zero"; exactly zero keeps identity at t = 0 (SPEC 0.1).
+        self.lambda_learn = nn.Parameter(torch.zeros(num))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.lambda_init = float(lambda_init)
+        self.anneal_steps = int(anneal_steps)
+        self.kind = kind
+
+    def forward(self) -> torch.Tensor:
+        """Current lambda, shape ``(num,)``, float32."""
+        learn = self.lambda_learn.float()
+        if self.anneal_steps == 0:
+            return learn
+        ramp = self.step.float() / self.anneal_steps
+        alpha = ramp.clamp(max=1.0)
+        if self.kind == "linear":
+            return alpha * self.lambda_init + learn
+        return (1 - alpha) * ramp * self.lambda_init + alpha * learn
+
+    def extra_repr(self) -> str:
+        return f"init={self.lambda_init}, T={self.anneal_steps}, kind={self.kind}"
+
+
+def _schedules(model: nn.Module) -> list[LambdaSchedule]:
+    return [m for m in model.modules() if isinstance(m, LambdaSchedule)]
+
+
+def step(model: nn.Module, n: int = 1) -> int:
+    """Advance every lambda schedule of ``model`` by ``n`` steps (for custom training loops); returns the step."""
+    scheds = _schedules(model)
+    for s in scheds:
+        s.step.add_(n)
+    return int(scheds[0].step) if scheds else 0
+
+
+def set_step(model: nn.Module, value: int) -> None:
+    """Set the schedule step of every layer (the Trainer callback uses the global step, so resuming is exact)."""
+    for s in _schedules(model):
+        s.step.fill_(int(value))
+
+
+def current_lambdas(model: nn.Module) -> dict[str, list[float]]:
+    """Current lambda per patched layer (module name -> values), for logging."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LambdaSchedule):
+            out[name] = [round(float(v), 6) for v in m().detach().cpu()]
+    return out
+
+
+class LambdaCallback(TrainerCallback):
+    """Keeps the schedules in step with ``transformers.Trainer``'s global step and logs lambda per layer."""
+
+    def _sync(self, state, model) -> None:  # type: ignore[no-untyped-def]
+        if model is not None:
+            set_step(_unwrap(model), state.global_step)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        self._sync(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        self._sync(state, model)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs is not None and model is not None:
+            for name, vals in current_lambdas(_unwrap(model)).items():
+                logs[f"lambda/{name}"] = sum(vals) / len(vals)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / accelerate wrappers keep the real model under .module
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
