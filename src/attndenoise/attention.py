@@ -19,7 +19,7 @@ import torch.nn.functional as F
 Coef = float | torch.Tensor  # a scalar, or one value per query head (H,)
 
 
-def _bottom_right_causal(nq: int, nk: int, device: torch.device) -> torch.Tensor:
+def bottom_right_causal(nq: int, nk: int, device: torch.device) -> torch.Tensor:
     # With a KV cache the queries are the last nq positions: query i sees keys j <= i + (nk - nq).
     i = torch.arange(nq, device=device)[:, None]
     j = torch.arange(nk, device=device)[None, :]
@@ -43,7 +43,7 @@ def resolve_mask(
         return None, False
     if nq == nk:
         return None, True
-    return _bottom_right_causal(nq, nk, device), False
+    return bottom_right_causal(nq, nk, device), False
 
 
 def _valid_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -120,7 +120,7 @@ def probs(
         scores = torch.tanh(scores / softcap) * softcap
     m, is_causal = resolve_mask(mask, q.shape[-2], k.shape[-2], causal, q.device)
     if is_causal:
-        m = _bottom_right_causal(q.shape[-2], k.shape[-2], q.device)
+        m = bottom_right_causal(q.shape[-2], k.shape[-2], q.device)
     if m is not None:
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
     p = torch.softmax(scores, dim=-1)

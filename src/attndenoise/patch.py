@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import registry
 from .config import MethodConfig
+from .attention import bottom_right_causal, resolve_mask
 from .families import attention_layers, family_of, geometry, is_causal
 from .methods.base import Call, LayerContext, LayerInfo, MethodModule
 
@@ -70,11 +71,27 @@ def _wants_maps(module: nn.Module) -> bool:
         return False
 
 
-def _fallback(module: nn.Module, eager: bool) -> Any:
+def _stock_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+    eager: bool, **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An unpatched layer: the implementation the model had before (or the family's eager one for maps).
+
+    Our mask function is ``sdpa_mask`` (``None`` when causality alone suffices, bool otherwise); the family's
+    eager function wants an additive float mask that always encodes causality, so convert.
+    """
     impl = getattr(module, "_ad_fallback", "sdpa")
-    if eager or impl == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[impl]
+    if not eager and impl != "eager":
+        return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, mask, **kwargs)  # type: ignore[no-any-return]
+    m, causal_flag = resolve_mask(mask, query.shape[-2], key.shape[-2], is_causal(module), query.device)
+    if causal_flag:
+        m = bottom_right_causal(query.shape[-2], key.shape[-2], query.device)
+    if m is not None and m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~m, torch.finfo(query.dtype).min
+        )
+    eager_fn = sys.modules[type(module).__module__].eager_attention_forward
+    return eager_fn(module, query, key, value, m, **kwargs)  # type: ignore[no-any-return]
 
 
 def attndenoise_attention(
@@ -91,8 +108,8 @@ def attndenoise_attention(
     method: MethodModule | None = getattr(module, _SLOT, None)
     eager = _wants_maps(module)
     if method is None:
-        return _fallback(module, eager)(  # type: ignore[no-any-return]
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        return _stock_attention(
+            module, query, key, value, attention_mask, eager, scaling=scaling, dropout=dropout, **kwargs
         )
     ctx: LayerContext | None = module.__dict__.pop("_ad_ctx", None)
     if ctx is None:
