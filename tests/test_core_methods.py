@@ -313,7 +313,8 @@ def test_load_rejects_missing_and_extra_tensors(tmp_path) -> None:  # type: igno
 
 def test_load_rejects_other_architecture(tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = _saved(tmp_path, family="llama")
-    with pytest.raises(ad.AdapterLoadError, match="another base architecture.*family: adapter 'llama' vs model 'qwen2'"):
+    msg = "another base architecture.*family: adapter 'llama' vs model 'qwen2'"
+    with pytest.raises(ad.AdapterLoadError, match=msg):
         ad.load(tiny("qwen2"), d)
     d2 = _saved(tmp_path / "g", family="gpt2")
     with pytest.raises(ad.AdapterLoadError, match="num_kv_heads"):

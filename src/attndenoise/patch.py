@@ -27,8 +27,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import registry
-from .config import MethodConfig
 from .attention import bottom_right_causal, resolve_mask
+from .config import MethodConfig
 from .families import attention_layers, family_of, geometry, is_causal
 from .methods.base import Call, LayerContext, LayerInfo, MethodModule
 
