@@ -12,10 +12,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: a transformers attention module: its attributes differ per family, so it is typed ``Any``
+AttnModule = Any
 
 
 class UnsupportedModelError(TypeError):
@@ -81,7 +85,7 @@ class Geometry:
         return self.num_heads // self.num_kv_heads
 
 
-def geometry(module: nn.Module) -> Geometry:
+def geometry(module: AttnModule) -> Geometry:
     cfg = module.config
     h = cfg.num_attention_heads
     return Geometry(
@@ -95,13 +99,13 @@ def geometry(module: nn.Module) -> Geometry:
 # -- projections in (out, in) layout ------------------------------------------------------------------------------
 
 
-def _slices(module: nn.Module) -> dict[str, slice]:
+def _slices(module: AttnModule) -> dict[str, slice]:
     g = geometry(module)
     q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
     return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
 
 
-def projection(module: nn.Module, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def projection(module: AttnModule, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight (out, in), bias or None)`` of ``W_Q``/``W_K``/``W_V`` (``which`` = q, k, v) or ``W_O`` (o).
 
     Returned tensors are views of the live parameters (GPT-2's are transposed views), so in-place writes fold
@@ -125,7 +129,7 @@ def projection(module: nn.Module, which: str) -> tuple[torch.Tensor, torch.Tenso
     return module.c_attn.weight[:, sl].t(), module.c_attn.bias[sl]
 
 
-def project(module: nn.Module, x: torch.Tensor, which: str, *, bias: bool = True) -> torch.Tensor:
+def project(module: AttnModule, x: torch.Tensor, which: str, *, bias: bool = True) -> torch.Tensor:
     """Per-head projection of layer input ``x`` (B, N, d_model) -> (B, heads, N, d), before RoPE.
 
     Applies the family's per-head ``q_norm`` / ``k_norm`` (Qwen3, Gemma 3) exactly where the stock forward does,
@@ -140,7 +144,7 @@ def project(module: nn.Module, x: torch.Tensor, which: str, *, bias: bool = True
     return y.transpose(1, 2)
 
 
-def _rotary_fn(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+def _rotary_fn(module: AttnModule) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     fam = family_of(module)
     if fam is None or not fam.rotary:
         return None
@@ -148,7 +152,7 @@ def _rotary_fn(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Ten
 
 
 def rope(
-    module: nn.Module, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    module: AttnModule, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
     """Rotate ``x`` (B, H, N, d) with the family's own rotary embedding; identity for families without RoPE."""
     fn = _rotary_fn(module)
@@ -159,7 +163,7 @@ def rope(
 
 
 def unrope(
-    module: nn.Module, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    module: AttnModule, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
     """Inverse of :func:`rope`: RoPE is a per-position rotation of pairs, scaled by ``cos^2 + sin^2`` when the
     rope type applies an attention factor, so its inverse is the same map with ``(cos, -sin) / (cos^2 + sin^2)``."""
@@ -172,5 +176,5 @@ def unrope(
     return fn(x, x[:, :1], icos, isin)[0]
 
 
-def is_causal(module: nn.Module) -> bool:
+def is_causal(module: AttnModule) -> bool:
     return bool(getattr(module, "is_causal", True))

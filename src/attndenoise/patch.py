@@ -154,7 +154,7 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         hidden_states=hidden, position_embeddings=kwargs.get("position_embeddings"), cached=cache is not None
     )
     method.prepare(module, ctx)
-    module._ad_ctx = ctx
+    setattr(module, "_ad_ctx", ctx)  # noqa: B010 (nn.Module attribute typing)
     if cache is not None and method.caches_kv:
         kwargs = dict(kwargs)
         kwargs[cache_key] = _CacheProxy(cache, module, method, ctx)  # type: ignore[index]
@@ -201,7 +201,7 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for i, (_, attn) in enumerate(layers):
-        attn._ad_fallback = original
+        setattr(attn, "_ad_fallback", original)  # noqa: B010
         if i not in chosen:
             continue
         ref = next(attn.parameters())
@@ -210,12 +210,12 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
         attn.add_module(_SLOT, method)
         state.hooks.append(attn.register_forward_pre_hook(_pre_hook, with_kwargs=True))
         state.layers[i] = attn
-    model._attndenoise = state
+    setattr(model, "_attndenoise", state)  # noqa: B010
     _set_impl(model, ATTN_IMPLEMENTATION)
     return model
 
 
-def _set_impl(model: nn.Module, name: str) -> None:
+def _set_impl(model: Any, name: str) -> None:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
     else:  # pragma: no cover - older transformers
@@ -276,7 +276,7 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     effective combined map as attention weights (``output_attentions``, plots, SPEC 9 measures)."""
     layers = [a for _, a in attention_layers(model)]
     for a in layers:
-        a._ad_eager = True
+        setattr(a, "_ad_eager", True)  # noqa: B010
     try:
         yield model
     finally:

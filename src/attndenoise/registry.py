@@ -8,10 +8,10 @@ from .config import ConfigError, MethodConfig
 
 #: method name -> config class (public: ``attndenoise.METHODS``)
 METHODS: dict[str, type[MethodConfig]] = {}
-_MODULES: dict[str, type] = {}
+_MODULES: dict[str, Any] = {}
 
 
-def register(config_cls: type[MethodConfig], module_cls: type) -> None:
+def register(config_cls: type[MethodConfig], module_cls: Any) -> None:
     """Bind ``config_cls.name`` to its config class and module class."""
     name = config_cls.name
     if not name:
@@ -32,7 +32,7 @@ def config_class(name: str) -> type[MethodConfig]:
         raise ConfigError(f"unknown method '{name}'; known methods: {_known()}") from None
 
 
-def module_class(config: MethodConfig) -> type:
+def module_class(config: MethodConfig) -> Any:
     return _MODULES[config.name]
 
 

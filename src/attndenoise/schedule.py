@@ -22,6 +22,8 @@ class LambdaSchedule(nn.Module):
         kind: ``"paper"`` (DAA eq. 3, literal) or ``"linear"`` (``min(1, t/T) lambda_init + lambda_learn``).
     """
 
+    step: torch.Tensor
+
     def __init__(self, num: int, lambda_init: float, anneal_steps: int, kind: str = "paper") -> None:
         super().__init__()
         # The papers initialise lambda_learn "around zero"; exactly zero keeps identity at t = 0 (SPEC 0.1).
@@ -37,7 +39,7 @@ class LambdaSchedule(nn.Module):
         if self.anneal_steps == 0:
             return learn
         ramp = self.step.float() / self.anneal_steps
-        alpha = ramp.clamp(max=1.0)
+        alpha = torch.clamp(ramp, max=1.0)
         if self.kind == "linear":
             return alpha * self.lambda_init + learn
         return (1 - alpha) * ramp * self.lambda_init + alpha * learn

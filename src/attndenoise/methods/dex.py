@@ -118,7 +118,7 @@ class DEX(MethodModule):
 
 
 @torch.no_grad()
-def head_entropy(model: nn.Module, inputs: Any) -> torch.Tensor:
+def head_entropy(model: Any, inputs: Any) -> torch.Tensor:
     """Mean attention entropy per (layer, head) of the stock model on ``inputs`` (ids tensor or a dict)."""
     batch = dict(inputs) if isinstance(inputs, dict) else {"input_ids": torch.as_tensor(inputs)}
     if batch["input_ids"].dim() == 1:
