@@ -1,0 +1,311 @@
+"""DINT and low-rank DINT (SPEC section 7; seed 003, after Cang et al., "DINT Transformer").
+
+``O' = (lambda A3 + A1 - lambda A2) V``.
+
+``A3`` as printed repeats the column mean of ``A1`` over all rows, which lets a row see future keys. For decoder
+LMs (default, ``causal_integral=True``) ``A3[i] = (1/c_i) sum_{j <= i, j valid} A1[j]``: the mean of the rows of
+``A1`` so far, lower triangular, rows summing to 1, and ``A3 V = cummean(O1)``. So
+
+    ``O' = lambda cummean(O1) + O1 - lambda O2``
+
+with two fused attention calls and a running sum: no N x N matrix (SPEC 0.2). Left-padding rows (queries that see
+no key) are left out of both the sum and the count ``c_i``, so a padded example computes what it computes alone.
+``causal_integral=False`` keeps the printed form (mean over all valid rows, for encoders); it cannot decode with a
+KV cache.
+
+Decoding state (SPEC 7, 0.6). The sum runs over *all* earlier valid positions, also those a sliding window no longer
+shows, so it cannot be recomputed from the cache. Each position's prefix sum of ``O1`` (its group's ``g`` query
+heads, ``g*d`` channels) and its valid count are stored as extra channels of the cached *value* of its key/value
+head: :meth:`DINT.store` appends zero placeholders, :meth:`DINT.attend` fills them once ``O1`` is known. The tensor a
+dynamic cache layer returns from ``update`` is its own storage (``DynamicSlidingWindowLayer`` keeps a view of it), so
+the write lands in the cache; cropping, beam reordering and window trimming then keep each position's state with
+its key, and the state for the next token is always the last cached position's. The state is float32 whatever the
+model dtype: in a 16-bit cache it is stored bit-for-bit as pairs of 16-bit channels (a bf16 count would stop being
+exact at 257). Costs: ``g*d + 1`` extra value channels per key/value head (twice that in 16-bit caches), padded to
+a multiple of 8 channels per cached row. Static and
+quantized caches are not supported (their ``update`` copies or re-encodes what it stores).
+Training runs through the same code without a cache; when a cache is present with gradients enabled, ``O1`` is
+computed from a copy of ``V`` so that the in-place write cannot invalidate saved tensors.
+
+Second map:
+
+* DINT: ``W_Q2``, ``W_K2`` are new projections initialised as copies of ``W_Q``, ``W_K`` (as in the DIFF retrofit,
+  :mod:`attndenoise.methods.diff`), so ``A2 = A1``, ``A3 V = cummean(O1)`` and with ``lambda(0) = 0`` the model is
+  unchanged at init (SPEC 0.1). ``K2`` is cached next to ``K``.
+* Low-rank DINT: ``Q2 = X W_Q2_down W_Q2_up``, ``K2 = X W_K2_down W_K2_up``. The slides name four matrices, so queries
+  and keys have their *own* down/up pair (``W_down`` d_model x r, ``W_up`` r x (heads d)). The slides omit RoPE for
+  every map (also for ``A1``, which has it in the model they fine-tune), so by default ``Q2``/``K2`` are rotated
+  like ``Q1``/``K1`` (``rotary=False`` leaves them unrotated); no bias and no ``q_norm``/``k_norm`` (new projections).
+  ``W_down`` is drawn like a default linear layer, ``U(-1/sqrt(d_model), 1/sqrt(d_model))`` (the slides' variance
+  argument), ``W_up`` is zero, so ``A2`` starts uniform over the visible keys and lambda must start at 0.
+  Temperature of ``A2``: ``temperature="d81"`` uses ``sqrt(d2)``, ``d2 = d/81``, i.e. scale ``9 s`` with ``s`` the
+  layer's own scale (``1/sqrt(d)`` in most families; a family's custom scale keeps its ratio); ``"sqrt_d"`` uses ``s``.
+
+Lambda: the SPEC 1 schedule, or DIFF's re-parameterisation (``lambda_reparam=True``, defined in
+:mod:`attndenoise.methods.diff`); either way ``lambda(0) = 0`` when ``anneal_steps > 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import attention as core
+from .. import registry
+from ..config import ConfigError, MethodConfig, _choice, positive
+from ..families import rope
+from .base import Call, LayerContext, LayerInfo, MethodModule
+from .diff import SecondProjections, _check_bool, make_lambda, stash_second_projections, two_outputs
+
+# -- the causal integral state in the value cache -------------------------------------------------------------------
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 at least: sums and counts of long prefixes need it (SPEC 0.3)
+    return dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+
+
+def state_width(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Channels the state occupies per key/value head: ``g*d`` prefix-sum channels + 1 count, in units of ``dtype``
+    (two per float32 in a 16-bit cache)."""
+    n = num_heads // num_kv_heads * head_dim + 1
+    return n * (torch.finfo(_state_dtype(dtype)).bits // torch.finfo(dtype).bits)
+
+
+def state_channels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Value channels appended per key/value head: the state, padded so that a cached value row is a multiple of 8
+    elements (fused GPU kernels want aligned strides for the ``V = value[..., :d]`` view they read)."""
+    width = head_dim + state_width(num_heads, num_kv_heads, head_dim, dtype)
+    return -(-width // 8) * 8 - head_dim
+
+
+def _pack(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32/64 state -> the cache's dtype, bit for bit (16-bit caches hold each float32 in two channels)."""
+    state = state.to(_state_dtype(dtype)).contiguous()
+    return state if state.dtype == dtype else state.view(dtype)
+
+
+def _unpack(stored: torch.Tensor) -> torch.Tensor:
+    sd = _state_dtype(stored.dtype)
+    stored = stored.contiguous()
+    return stored if sd == stored.dtype else stored.view(sd)
+
+
+def read_state(value: torch.Tensor, nq: int, num_heads: int, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Prefix sum ``(B, H, 1, d)`` and valid count ``(B, 1, 1, 1)`` at the cached position before the ``nq`` new
+    ones, or ``None`` when there is none (first forward)."""
+    b, hkv, nk, _ = value.shape
+    if nk <= nq:
+        return None
+    g = num_heads // hkv
+    width = state_width(num_heads, hkv, d, value.dtype)
+    st = _unpack(value.detach()[:, :, nk - nq - 1, d : d + width]).float()  # (B, Hkv, g*d + 1)
+    s = st[..., : g * d].reshape(b, hkv * g, 1, d)
+    c = st[:, :1, -1:].reshape(b, 1, 1, 1)
+    return s, c
+
+
+def write_state(value: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> None:
+    """Store the prefix sums ``s`` (B, H, Nq, d) and counts ``c`` (B, 1, Nq, 1) of the new positions into the
+    placeholder channels of ``value`` (the cache's own storage), in place and outside autograd."""
+    b, h, nq, d = s.shape
+    hkv = value.shape[1]
+    g = h // hkv
+    st = s.detach().reshape(b, hkv, g, nq, d).permute(0, 1, 3, 2, 4).reshape(b, hkv, nq, g * d)
+    st = torch.cat([st, c.detach().to(st.dtype).expand(b, hkv, nq, 1)], dim=-1)
+    packed = _pack(st, value.dtype)
+    value.detach()[:, :, -nq:, d : d + packed.shape[-1]].copy_(packed)
+
+
+def valid_rows(call: Call, nq: int, nk: int, device: torch.device) -> torch.Tensor | None:
+    """(B, 1, Nq, 1) float32: 1 for queries that see at least one key, 0 for left padding; ``None``: all valid."""
+    m, _ = core.resolve_mask(call.mask, nq, nk, call.causal, device)
+    rows = core._valid_rows(m)
+    return None if rows is None else rows.float()
+
+
+# -- configs -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DINTConfig(MethodConfig):
+    """DINT options (SPEC 7).
+
+    Attributes:
+        causal_integral: ``True`` (default): ``A3`` = causal running row mean of ``A1`` (decoders);
+            ``False``: the printed column mean repeated over rows (encoders; no KV-cache decoding).
+        lambda_reparam: DIFF's re-parameterised lambda in place of ``lambda_learn`` (see methods/diff.py).
+        lambda_std: standard deviation of the re-parameterisation vectors at init.
+    """
+
+    name = "dint"
+    causal_integral: bool = True
+    lambda_reparam: bool = False
+    lambda_std: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        _check_bool("causal_integral", self.causal_integral)
+        _check_bool("lambda_reparam", self.lambda_reparam)
+        positive("lambda_std", self.lambda_std, allow_zero=True)
+
+
+@dataclass
+class LowRankDINTConfig(DINTConfig):
+    """Low-rank DINT options (SPEC 7).
+
+    Attributes:
+        rank: ``r`` of ``W_down`` (d_model x r) / ``W_up`` (r x heads*d), separate for queries and keys.
+        temperature: ``"d81"`` (``sqrt(d/81)``, the slides' variance argument) or ``"sqrt_d"`` (the layer's own).
+        rotary: rotate ``Q2``/``K2`` with the model's RoPE like ``Q1``/``K1``.
+    """
+
+    name = "lowrank_dint"
+    rank: int = 16
+    temperature: str = "d81"
+    rotary: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"rank={self.rank!r}: must be an integer >= 1")
+        _choice("temperature", self.temperature, ("d81", "sqrt_d"))
+        _check_bool("rotary", self.rotary)
+
+
+# -- modules -------------------------------------------------------------------------------------------------------
+
+
+class DINT(MethodModule):
+    """``lambda A3 V + O1 - lambda O2`` with the second map from copies of ``W_Q``/``W_K``."""
+
+    caches_kv = True
+    #: whether the second map starts from copies of the stock W_Q/W_K (low-rank DINT has its own factors)
+    copies_qk: ClassVar[bool] = True
+
+    def __init__(self, config: DINTConfig, info: LayerInfo) -> None:
+        super().__init__(config, info)
+        self.init_second_map(config, info)
+        self.lam = make_lambda(self, info.geometry.num_heads)
+
+    def init_second_map(self, config: DINTConfig, info: LayerInfo) -> None:
+        self.proj2 = SecondProjections(config, info)
+
+    @classmethod
+    def calibrate(cls, model: nn.Module, config: MethodConfig, **kwargs: Any) -> MethodConfig:
+        """Copy ``W_Q``/``W_K`` of the stock model for the second projections (SPEC 7 / 5)."""
+        super().calibrate(model, config, **kwargs)
+        return stash_second_projections(model, config) if cls.copies_qk else config
+
+    def second_qk(self, attn: nn.Module, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated ``Q2 (B, h, N, d)``, ``K2 (B, h_kv, N, d)`` of the new tokens."""
+        return self.proj2(attn, ctx.hidden_states, ctx.position_embeddings)  # type: ignore[no-any-return]
+
+    def scaling2(self, call: Call, d: int) -> float | None:
+        """Scale of ``A2`` (``None``: the layer's own)."""
+        return None
+
+    # -- per token ---------------------------------------------------------------------------------------------
+    def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
+        ctx.extras["q2"], ctx.extras["k2"] = self.second_qk(attn, ctx)
+
+    def store(self, attn, key, value, ctx: LayerContext):  # type: ignore[no-untyped-def]
+        if not ctx.cached:  # training / no cache: attend reads K2 from ctx and keeps no state
+            return key, value
+        g = self.info.geometry
+        extra = state_channels(g.num_heads, g.num_kv_heads, value.shape[-1], value.dtype)
+        holder = value.new_zeros(*value.shape[:-1], extra)  # filled by attend once O1 is known
+        return torch.cat([key, ctx.extras["k2"].to(key.dtype)], dim=-1), torch.cat([value, holder], dim=-1)
+
+    # -- attention ---------------------------------------------------------------------------------------------
+    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
+        b, h, nq, d = query.shape
+        nk = key.shape[-2]
+        if ctx.cached:
+            k1, k2 = key.chunk(2, dim=-1)
+            v = value[..., :d]
+            if torch.is_grad_enabled():
+                v = v.clone()  # the state write below bumps the cache's version counter; keep V saved intact
+        else:
+            k1, k2, v = key, ctx.extras["k2"].to(key.dtype), value
+        o1, o2, p1, p2 = two_outputs(call, query, k1, ctx.extras["q2"].to(query.dtype), k2, v, self.scaling2(call, d))
+        valid = valid_rows(call, nq, nk, query.device)
+        lam = self.lam()
+        o1f = o1.float()
+        weighted = o1f if valid is None else o1f * valid
+        ones = torch.ones(1, 1, nq, 1, device=query.device) if valid is None else valid
+        pmap = None
+        if self.config.causal_integral:  # type: ignore[attr-defined]
+            s, c = weighted.cumsum(dim=-2), ones.cumsum(dim=-2)
+            prev = read_state(value, nq, h, d) if ctx.cached else None
+            if prev is not None:
+                s, c = s + prev[0], c + prev[1]
+            if ctx.cached:
+                write_state(value, s, c)
+            integral = s / c.clamp(min=1.0)
+            if p1 is not None and p2 is not None and prev is None:
+                a3 = (p1 * ones).cumsum(dim=-2) / c.clamp(min=1.0)
+                pmap = self._combined_map(lam, a3, p1, p2)
+        else:
+            if ctx.cached and nk > nq:
+                raise ValueError(
+                    "causal_integral=False (the printed, non-causal A3) averages over the whole sequence, so it "
+                    "cannot decode token by token with a KV cache; use causal_integral=True for generation"
+                )
+            count = ones.sum(dim=-2, keepdim=True).clamp(min=1.0)
+            integral = (weighted.sum(dim=-2, keepdim=True) / count).expand_as(o1f)
+            if p1 is not None and p2 is not None:
+                a3 = ((p1 * ones).sum(dim=-2, keepdim=True) / count).expand_as(p1)
+                pmap = self._combined_map(lam, a3, p1, p2)
+        out = core.combine([(lam, integral), (1.0, o1f), (-lam, o2)], v.dtype)
+        return out, pmap
+
+    @staticmethod
+    def _combined_map(lam: torch.Tensor, a3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+        """``lambda A3 + A1 - lambda A2`` (reference path; with a cached past the rows of A3 are unknown: None)."""
+        lh = core.per_head(lam, p1)
+        return lh * a3 + p1 - lh * p2
+
+
+class LowRankDINT(DINT):
+    """DINT with ``Q2 = X W_down W_up``, ``K2 = X W_down W_up`` (separate pairs for queries and keys)."""
+
+    copies_qk = False
+
+    def init_second_map(self, config: DINTConfig, info: LayerInfo) -> None:
+        assert isinstance(config, LowRankDINTConfig)
+        g = info.geometry
+        r, dm = config.rank, g.hidden_size
+        bound = 1.0 / math.sqrt(dm)
+        self.q_down = nn.Parameter(torch.empty(r, dm).uniform_(-bound, bound))  # (out, in) like nn.Linear
+        self.q_up = nn.Parameter(torch.zeros(g.num_heads * g.head_dim, r))
+        self.k_down = nn.Parameter(torch.empty(r, dm).uniform_(-bound, bound))
+        self.k_up = nn.Parameter(torch.zeros(g.num_kv_heads * g.head_dim, r))
+
+    def second_qk(self, attn: nn.Module, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        x = ctx.hidden_states
+        d = self.info.geometry.head_dim
+
+        def low_rank(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            y = F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+            return y.view(*x.shape[:-1], -1, d).transpose(1, 2)
+
+        q2, k2 = low_rank(self.q_down, self.q_up), low_rank(self.k_down, self.k_up)
+        if self.config.rotary:  # type: ignore[attr-defined]
+            q2, k2 = rope(attn, q2, ctx.position_embeddings), rope(attn, k2, ctx.position_embeddings)
+        return q2, k2
+
+    def scaling2(self, call: Call, d: int) -> float | None:
+        if self.config.temperature == "sqrt_d":  # type: ignore[attr-defined]
+            return None
+        s = call.scaling if call.scaling is not None else d**-0.5
+        return 9.0 * s  # 1/sqrt(d/81) = 9/sqrt(d)
+
+
+registry.register(DINTConfig, DINT)
+registry.register(LowRankDINTConfig, LowRankDINT)

@@ -1,0 +1,440 @@
+"""DIFF attention retrofit (SPEC section 5) on every supported family, with the core test matrix.
+
+Independent references: the stock model (identity, remove, causality, cache, padding), explicit float64 maps built
+from what a stock model computes (a stock copy whose W_Q/W_K are replaced by the method's W_Q2/W_K2 computes Q2/K2
+for us, q_norm/k_norm and RoPE included), and transformers' own ``DiffLlamaForCausalLM`` for the from-scratch
+options (head pairing, output RMSNorm, (1 - lambda_init), re-parameterised lambda).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from models import FAMILIES, VOCAB, inputs, tiny
+from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out
+from safetensors.torch import load_file, save_file
+
+import attndenoise as ad
+
+# variant -> (method, options)
+VARIANTS = {
+    "diff": ("diff", {}),
+    "diff_reparam": ("diff", {"lambda_reparam": True}),
+    "diff_norm": ("diff", {"head_norm": True}),
+    "diff_scratch": (
+        "diff", {"pairing": True, "head_norm": True, "lambda_reparam": True, "lambda_init": "depth"},
+    ),
+}
+#: variants whose init is the stock model (the from-scratch options change it by design)
+RETROFIT = ["diff", "diff_reparam"]
+ATOL = 2e-5
+
+
+def make(variant: str, **extra):  # type: ignore[no-untyped-def]
+    name, opts = VARIANTS[variant]
+    return ad.config_for(name, **{**opts, **extra})
+
+
+def randomize(model: torch.nn.Module, seed: int = 5) -> None:
+    """Non-trivial method parameters and lambda != 0 (anneal_steps=0: lambda = lambda_learn or the reparam)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in ad.method_modules(model).values():
+            for name, p in m.named_parameters():
+                if name.endswith("lambda_learn"):
+                    p.copy_(0.2 + 0.6 * torch.rand(p.shape, generator=g))
+                else:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def patched(family: str, variant: str, random: bool = True, **extra):  # type: ignore[no-untyped-def]
+    model = tiny(family)
+    ad.apply(model, make(variant, anneal_steps=0, **extra))
+    if random:
+        randomize(model)
+    return model
+
+
+def lambda_of(m) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """lambda written out from the SPEC (anneal_steps=0), float64, shape (heads,) or (1,)."""
+    lam = m.lam
+    if hasattr(lam, "lambda_q1"):
+        dot = [(getattr(lam, f"lambda_q{i}").double() * getattr(lam, f"lambda_k{i}").double()).sum(-1) for i in (1, 2)]
+        return (torch.exp(dot[0]) - torch.exp(dot[1]) + lam.lambda_init).detach()
+    return lam.lambda_learn.detach().double()
+
+
+def with_qk(model, layer: int, wq, bq, wk, bk):  # type: ignore[no-untyped-def]
+    """A deep copy of the stock ``model`` whose layer ``layer`` uses the given W_Q/b_Q and W_K/b_K ((out, in))."""
+    m = copy.deepcopy(model)
+    attn = attention_modules(m)[layer]
+    cfg = m.config
+    h = cfg.num_attention_heads
+    d = attn.head_dim
+    hkv = getattr(cfg, "num_key_value_heads", None) or h
+    sl = {"q": slice(0, h * d), "k": slice(h * d, h * d + hkv * d)}
+    with torch.no_grad():
+        for which, w, b in (("q", wq, bq), ("k", wk, bk)):
+            if hasattr(attn, f"{which}_proj"):
+                lin = getattr(attn, f"{which}_proj")
+                lin.weight.copy_(w)
+                if lin.bias is not None:
+                    lin.bias.copy_(b)
+            elif hasattr(attn, "qkv_proj"):
+                attn.qkv_proj.weight[sl[which]] = w
+                assert attn.qkv_proj.bias is None
+            else:  # GPT-2 Conv1D (in, out)
+                attn.c_attn.weight[:, sl[which]] = w.t()
+                attn.c_attn.bias[sl[which]] = b
+    return m
+
+
+def norm_eps(model) -> float:  # type: ignore[no-untyped-def]
+    return float(getattr(model.config, "rms_norm_eps", None) or model.config.layer_norm_epsilon)
+
+
+# -- identity at init ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "variant,anneal,schedule",
+    [("diff", 0, "paper"), ("diff", 100, "paper"), ("diff_reparam", 100, "paper"), ("diff_reparam", 100, "linear")],
+)
+def test_identity_at_init(family: str, variant: str, anneal: int, schedule: str) -> None:
+    model = tiny(family)
+    x = inputs()
+    with torch.no_grad():
+        ref = model(x).logits
+        ad.apply(model, make(variant, anneal_steps=anneal, lambda_schedule=schedule))
+        out = model(x).logits
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_reparam_warmup_reaches_diff_lambda() -> None:
+    """lambda(0) = 0; past warm-up lambda = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init (module docstring)."""
+    model = tiny("llama")
+    ad.apply(model, make("diff_reparam", anneal_steps=10, lambda_init=0.5))
+    m = ad.method_modules(model)[0]
+    assert torch.equal(m.lam(), torch.zeros(4))
+    ad.step(model, 4)  # paper schedule: (1 - a)(t/T) lambda_init + a r, a = t/T
+    r = lambda_of(m).float()
+    torch.testing.assert_close(m.lam(), 0.6 * 0.4 * 0.5 + 0.4 * r)
+    ad.step(model, 10)
+    torch.testing.assert_close(m.lam(), r)
+    assert m.lam.lambda_q1.shape == (4, 8)  # per head, head_dim long
+
+
+# -- fused output == explicit SPEC formulas -----------------------------------------------------------------------
+
+
+def expected_output(stock, model, x, variant: str, layer: int = 1) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    opts = VARIANTS[variant][1]
+    c = capture(stock, x, layer)
+    m = ad.method_modules(model)[layer]
+    lam = lambda_of(m).view(1, -1, 1, 1)
+
+    def amap(q, k):  # type: ignore[no-untyped-def]
+        return explicit_map(q, k, c.mask, c.scaling, c.softcap)
+
+    if opts.get("pairing"):
+        h, hkv = c.q.shape[1], c.k.shape[1]
+        p = amap(c.q, c.k)
+        pc = p[:, : h // 2] - lam * p[:, h // 2 :]  # pair i: head i minus head i + h/2
+        vpair = torch.cat([c.v[:, : hkv // 2], c.v[:, hkv // 2 :]], dim=-1)
+        o = apply_map(pc, vpair)  # (B, h/2, N, 2d)
+    else:
+        pr = m.proj2
+        other = capture(with_qk(stock, layer, pr.q_weight, pr.q_bias, pr.k_weight, pr.k_bias), x, layer)
+        o = apply_map(amap(c.q, c.k), c.v) - lam * apply_map(amap(other.q, other.k), c.v)
+    if opts.get("head_norm"):
+        lam_init = 0.8 - 0.6 * math.exp(-0.3 * layer) if opts.get("lambda_init") == "depth" else 0.8
+        o = o / torch.sqrt(o.square().mean(-1, keepdim=True) + norm_eps(stock)) * (1 - lam_init)
+    return heads_last(o)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_matches_spec_reference(family: str, variant: str) -> None:
+    stock = tiny(family)
+    model = patched(family, variant, layers=[1])
+    x = inputs()
+    want = expected_output(stock, model, x, variant)
+    got = patched_out(model, x, 1)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=1e-4)
+    with ad.reference_mode(model):
+        got_eager = patched_out(model, x, 1)
+    torch.testing.assert_close(got_eager.double(), want, atol=ATOL, rtol=1e-4)
+
+
+def test_output_attentions_is_the_difference_map() -> None:
+    stock = tiny("qwen3")
+    model = patched("qwen3", "diff", layers=[1])
+    x = inputs()
+    c = capture(stock, x, 1)
+    m = ad.method_modules(model)[1]
+    pr = m.proj2
+    c2 = capture(with_qk(stock, 1, pr.q_weight, pr.q_bias, pr.k_weight, pr.k_bias), x, 1)
+    lam = lambda_of(m).view(1, -1, 1, 1)
+    want = explicit_map(c.q, c.k, None, c.scaling) - lam * explicit_map(c2.q, c2.k, None, c.scaling)
+    with torch.no_grad():
+        att = model(x, output_attentions=True).attentions
+    torch.testing.assert_close(att[1].double(), want, atol=1e-5, rtol=1e-4)
+
+
+# -- causality, cache, padding ------------------------------------------------------------------------------------
+
+MATRIX = [(f, v) for f in FAMILIES for v in ("diff", "diff_reparam", "diff_scratch")]
+
+
+@pytest.mark.parametrize("family,variant", MATRIX)
+def test_causality(family: str, variant: str) -> None:
+    model = patched(family, variant)
+    x = inputs(length=14)
+    with torch.no_grad():
+        full = model(x).logits
+        prefix = model(x[:, :9]).logits
+    torch.testing.assert_close(prefix, full[:, :9], atol=1e-5, rtol=1e-5)
+
+
+def incremental_logits(model, ids: torch.Tensor, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Logits of a prefill of ``start`` tokens and then one token at a time through the KV cache (with a padding
+    ``mask``, positions count real tokens only, as ``generate`` does: GPT-2's absolute positions need it)."""
+    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    kw = {} if mask is None else {"attention_mask": mask[:, :start], "position_ids": pos[:, :start]}
+    out = model(ids[:, :start], use_cache=True, **kw)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(start, ids.shape[1]):
+        kw = {} if mask is None else {"attention_mask": mask[:, : t + 1], "position_ids": pos[:, t : t + 1]}
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True, **kw)
+        steps.append(out.logits)
+        cache = out.past_key_values
+    return torch.cat(steps, 1)
+
+
+@pytest.mark.parametrize("family,variant", MATRIX)
+def test_generate_cache_equals_no_cache(family: str, variant: str) -> None:
+    model = patched(family, variant)
+    x = inputs(batch=1, length=8)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with_cache = model.generate(x, use_cache=True, **kw)
+        without = model.generate(x, use_cache=False, **kw)
+        assert torch.equal(with_cache, without)
+        full = model(with_cache).logits
+        steps = incremental_logits(model, with_cache, 8)
+    torch.testing.assert_close(steps, full, atol=2e-5, rtol=1e-4)
+
+
+def left_pad(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.cat([torch.zeros(x.shape[0], n, dtype=x.dtype), x], 1)
+    mask = torch.cat([torch.zeros(x.shape[0], n, dtype=torch.long), torch.ones_like(x)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+@pytest.mark.parametrize("family,variant", MATRIX)
+def test_left_padding(family: str, variant: str) -> None:
+    model = patched(family, variant)
+    long, short = inputs(batch=1, length=12, seed=3), inputs(batch=1, length=8, seed=4)
+    ids_s, mask_s, pos_s = left_pad(short, 4)
+    batch = torch.cat([long, ids_s])
+    mask = torch.cat([torch.ones_like(long), mask_s])
+    pos = torch.cat([torch.arange(12)[None], pos_s])
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask, position_ids=pos).logits
+        alone = model(short).logits
+        alone_long = model(long).logits
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out[1, 4:], alone[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out[0], alone_long[0], atol=2e-5, rtol=1e-4)
+
+
+# -- training, saving, removing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,variant", MATRIX)
+def test_gradients_reach_only_method_parameters(family: str, variant: str) -> None:
+    model = patched(family, variant)
+    model.train()
+    x = inputs()
+    model(x, labels=x).loss.backward()
+    method_params = {id(p) for m in ad.method_modules(model).values() for p in m.parameters()}
+    assert method_params
+    for name, p in model.named_parameters():
+        if id(p) in method_params:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+@pytest.mark.parametrize("family,variant", MATRIX)
+def test_save_load_round_trip(family: str, variant: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = patched(family, variant)
+    ad.step(model, 7)
+    x = inputs()
+    with torch.no_grad():
+        want = model(x).logits
+    ad.save(model, tmp_path)
+    fresh = ad.load(tiny(family), tmp_path)
+    with torch.no_grad():
+        got = fresh(x).logits
+    assert torch.equal(got, want)
+    assert all(int(m.lam.step) == 7 for m in ad.method_modules(fresh).values())
+
+
+@pytest.mark.parametrize("family,variant", MATRIX)
+def test_remove_restores_stock(family: str, variant: str) -> None:
+    model = tiny(family)
+    x = inputs()
+    with torch.no_grad():
+        ref = model(x).logits
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    ad.apply(model, make(variant, anneal_steps=0))
+    randomize(model)
+    with torch.no_grad():
+        assert (model(x).logits - ref).abs().max() > 1e-4  # the method does something
+    ad.remove(model)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert not any("attndenoise" in n for n, _ in model.named_parameters())
+
+
+def test_second_projections_are_copies_not_views() -> None:
+    """W_Q2/W_K2 start equal to W_Q/W_K (biases too) and are their own tensors: training them leaves the base."""
+    model = tiny("qwen2")  # q/k biases
+    ad.apply(model, make("diff"))
+    attn = attention_modules(model)[0]
+    pr = ad.method_modules(model)[0].proj2
+    assert torch.equal(pr.q_weight, attn.q_proj.weight) and torch.equal(pr.k_bias, attn.k_proj.bias)
+    assert pr.q_weight.data_ptr() != attn.q_proj.weight.data_ptr()
+    assert pr.q_weight.requires_grad and not attn.q_proj.weight.requires_grad
+    assert not vars(ad.patch.require_state(model).config).get("_second_projection_sources")  # consumed by apply
+
+
+def test_k2_is_cached_next_to_k() -> None:
+    model = patched("llama", "diff")
+    out = model(inputs(batch=1, length=5), use_cache=True)
+    layer = out.past_key_values.layers[0]
+    assert layer.keys.shape == (1, 2, 5, 16)  # K and K2 side by side
+    assert layer.values.shape == (1, 2, 5, 8)
+
+
+def test_pairing_caches_paired_values_in_place_of_v() -> None:
+    model = patched("llama", "diff_scratch")
+    out = model(inputs(batch=1, length=5), use_cache=True)
+    layer = out.past_key_values.layers[0]
+    assert layer.keys.shape == (1, 2, 5, 8)
+    assert layer.values.shape == (1, 1, 5, 16)  # [V_0, V_1] for the single pair of kv heads: same memory as V
+
+
+# -- transformers' DiffLlama as the independent reference for the from-scratch options -----------------------------
+
+
+def diffllama_pair(heads: int, kv_heads: int):  # type: ignore[no-untyped-def]
+    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    ref = DiffLlamaForCausalLM(DiffLlamaConfig(**common, lambda_std_dev=0.3)).eval()  # random lambda vectors
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    ours = LlamaForCausalLM(LlamaConfig(**common, rms_norm_eps=ref.config.rms_norm_eps)).eval()
+    # q/k/v/o projections have the same layout in both (DiffLlama pairs heads inside its forward, not its weights)
+    res = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert not res.missing_keys and all(".lambda_" in k for k in res.unexpected_keys)
+    cfg = make("diff_scratch", anneal_steps=0, lambda_granularity="layer")
+    ad.apply(ours, cfg)
+    with torch.no_grad():
+        for i, m in ad.method_modules(ours).items():
+            a = ref.model.layers[i].self_attn
+            for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+                getattr(m.lam, n).copy_(getattr(a, n)[None])
+    return ref, ours
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 2), (4, 4)])
+def test_matches_transformers_diffllama(heads: int, kv_heads: int) -> None:
+    ref, ours = diffllama_pair(heads, kv_heads)
+    x = inputs(length=12)
+    long, short = inputs(batch=1, length=12, seed=3), inputs(batch=1, length=8, seed=4)
+    ids_s, mask_s, _ = left_pad(short, 4)
+    batch, mask = torch.cat([long, ids_s]), torch.cat([torch.ones_like(long), mask_s])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours(batch, attention_mask=mask).logits[mask.bool()], ref(batch, attention_mask=mask).logits[mask.bool()],
+            atol=1e-5, rtol=1e-5,
+        )
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(inputs(1, 6), **kw), ref.generate(inputs(1, 6), **kw))
+        with ad.reference_mode(ours):
+            torch.testing.assert_close(ours(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pairing_needs_even_kv_heads() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=1))
+    with pytest.raises(ad.ConfigError, match="pairing=True needs an even number .* 4 query and 1 key/value"):
+        ad.apply(model, make("diff_scratch"))
+
+
+# -- configs and adapter files that do not fit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"pairing": "yes"}, "pairing='yes': must be true or false"),
+        ({"norm_eps": 0}, "norm_eps=0: must be a number > 0"),
+        ({"lambda_std": -1}, "lambda_std=-1: must be a number >= 0"),
+    ],
+)
+def test_bad_values_are_explained(kw: dict, msg: str) -> None:
+    with pytest.raises(ad.ConfigError, match=msg):
+        ad.config_for("diff", **kw)
+
+
+def test_norm_eps_resolved_from_model_and_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = tiny("gemma3")
+    ad.apply(model, make("diff_norm"))
+    assert ad.patch.require_state(model).config.norm_eps == model.config.rms_norm_eps
+    assert make("diff_norm").norm_eps is None  # the user's config is not mutated
+
+
+def _rewrite(path, fn):  # type: ignore[no-untyped-def]
+    f = path / "adapter_model.safetensors"
+    t = load_file(str(f))
+    fn(t)
+    save_file(t, str(f))
+
+
+def test_load_rejects_mis_shaped_and_missing_tensors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ad.save(patched("qwen2", "diff_reparam"), tmp_path / "a")
+    _rewrite(tmp_path / "a", lambda t: t.__setitem__("layers.1.proj2.k_weight", torch.zeros(16, 31)))
+    model = tiny("qwen2")
+    with pytest.raises(ad.AdapterLoadError, match=r"layers\.1\.proj2\.k_weight has shape \(16, 31\)"):
+        ad.load(model, tmp_path / "a")
+    assert ad.patch.state_of(model) is None
+    ad.save(patched("qwen2", "diff_reparam"), tmp_path / "b")
+    _rewrite(tmp_path / "b", lambda t: t.pop("layers.0.lam.lambda_k2"))
+    with pytest.raises(ad.AdapterLoadError, match=r"missing tensor\(s\) layers\.0\.lam\.lambda_k2"):
+        ad.load(tiny("qwen2"), tmp_path / "b")
+
+
+def test_load_rejects_other_architecture(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ad.save(patched("llama", "diff"), tmp_path)
+    with pytest.raises(ad.AdapterLoadError, match="family: adapter 'llama' vs model 'mistral'"):
+        ad.load(tiny("mistral"), tmp_path)
