@@ -1,0 +1,43 @@
+"""Noisy-context data: examples and noise ratios, loading local files, prompt formatting and training encodings, the
+embedded synthetic tasks and their word-level tokenizer.
+
+Typical use::
+
+    from attndenoise.data import SyntheticQA, build_noisy_example, encode_for_training
+
+    raw = SyntheticQA(seed=0, split="test").examples(100)
+    noisy = [build_noisy_example(ex, 0.9, rng=i) for i, ex in enumerate(raw)]
+    enc = encode_for_training(noisy[0], tokenizer, max_length=512)
+    enc.input_ids, enc.labels, enc.gold_span
+"""
+
+from .examples import ChatExample, Example, NoisyExample, build_noisy_example, noisy_examples, num_distractors
+from .formatting import (
+    DEFAULT_FORMAT,
+    IGNORE_INDEX,
+    EncodedExample,
+    EncodeReport,
+    ExampleTooLongError,
+    Prompt,
+    PromptFormat,
+    collate,
+    drop_order,
+    encode_examples,
+    encode_for_training,
+    format_context,
+    format_prompt,
+    without_documents,
+)
+from .loading import DataFormatError, examples_from_records, load_examples, parse_record
+from .synthetic import ATTRIBUTES, SyntheticQA, count_tokens, lexicon_texts
+from .tokenizer import build_tokenizer, default_vocabulary, normalize_answer, vocabulary_from_texts
+
+__all__ = [
+    "NoisyExample", "ChatExample", "Example", "num_distractors", "build_noisy_example", "noisy_examples",
+    "load_examples", "examples_from_records", "parse_record", "DataFormatError",
+    "PromptFormat", "DEFAULT_FORMAT", "Prompt", "format_context", "format_prompt", "EncodedExample",
+    "encode_for_training", "encode_examples", "EncodeReport", "ExampleTooLongError", "IGNORE_INDEX", "collate",
+    "drop_order", "without_documents",
+    "SyntheticQA", "ATTRIBUTES", "lexicon_texts", "count_tokens",
+    "build_tokenizer", "default_vocabulary", "vocabulary_from_texts", "normalize_answer",
+]

@@ -1,0 +1,98 @@
+"""The embedded word-level tokenizer (``tokenizers`` WordLevel, wrapped in ``PreTrainedTokenizerFast``).
+
+Text is split on whitespace, then punctuation marks and digits become tokens of their own, so a closed vocabulary
+covers the synthetic tasks and the default prompt format (``Document [12]: ...``) without an unknown token, and
+a pass key is read digit by digit. ``<s>`` is prepended to every encoded text (TemplateProcessing); ``</s>`` ends an
+answer. Decoding joins tokens with spaces and then removes the space before punctuation, so a synthetic sentence
+round-trips exactly except for numbers, whose digits come back space-separated (``normalize_answer`` joins them).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable
+from functools import cache
+
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import PreTokenizer
+from tokenizers.processors import TemplateProcessing
+from transformers import PreTrainedTokenizerFast
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+# Words of the default prompt format (formatting.py) and of the default chat rendering, plus role names that chat
+# templates commonly print.
+FORMAT_WORDS = ("Document", "Question", "Answer", "System", "User", "Assistant", "Tool", "system", "user",
+                "assistant", "tool")
+
+
+def pre_tokenizer() -> PreTokenizer:
+    """Whitespace split, then each punctuation mark and each digit on its own."""
+    return _pre_tokenizer()
+
+
+@cache
+def _pre_tokenizer() -> PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+
+
+def default_vocabulary() -> list[str]:
+    """Special tokens, digits, ASCII punctuation, format words, then every word of the synthetic tasks."""
+    from .synthetic import lexicon_texts
+
+    return vocabulary_from_texts([*string.digits, *string.punctuation, *FORMAT_WORDS, *lexicon_texts()])
+
+
+def vocabulary_from_texts(texts: Iterable[str]) -> list[str]:
+    """Special tokens first (fixed ids 0-3), then the distinct pre-tokenized pieces of ``texts`` in first-seen order."""
+    pieces: dict[str, None] = dict.fromkeys(SPECIAL_TOKENS)
+    pre = pre_tokenizer()
+    for text in texts:
+        for piece, _ in pre.pre_tokenize_str(text):
+            pieces.setdefault(piece, None)
+    return list(pieces)
+
+
+def build_tokenizer(
+    vocabulary: Iterable[str] | None = None, *, model_max_length: int = 2048
+) -> PreTrainedTokenizerFast:
+    """A word-level ``PreTrainedTokenizerFast``; ``vocabulary`` defaults to ``default_vocabulary()``.
+
+    The vocabulary must start with ``<pad> <unk> <s> </s>`` (ids 0-3). The result has no chat template, so prompts use
+    the documented default format; ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` round-trip it offline.
+    """
+    vocab = list(default_vocabulary() if vocabulary is None else vocabulary)
+    if tuple(vocab[:4]) != SPECIAL_TOKENS:
+        raise ValueError(f"the vocabulary must start with {SPECIAL_TOKENS}, got {vocab[:4]}")
+    if len(set(vocab)) != len(vocab):
+        raise ValueError("the vocabulary has repeated entries")
+    ids = {w: i for i, w in enumerate(vocab)}
+    tok = Tokenizer(WordLevel(vocab=ids, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizer()
+    tok.post_processor = TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {EOS} $B:1", special_tokens=[(BOS, ids[BOS]), (EOS, ids[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
+        model_max_length=model_max_length, padding_side="right", clean_up_tokenization_spaces=True,
+    )
+
+
+_DIGIT_GAP = re.compile(r"(?<=\d) (?=\d)")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """Text for exact-match comparison: lower case, punctuation dropped, digit runs joined, single spaces.
+
+    ``"7 3 9 1 4"`` (how the word-level tokenizer decodes a pass key) and ``"73914."`` both become ``"73914"``.
+    """
+    text = _PUNCT.sub(" ", text.lower())
+    text = " ".join(text.split())
+    return _DIGIT_GAP.sub("", text)

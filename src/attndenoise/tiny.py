@@ -1,0 +1,315 @@
+"""The embedded tiny model: a small Llama pretrained on the synthetic tasks, built once and cached on disk.
+
+Nothing can be downloaded where this runs, so the tool builds its own base model: a word-level tokenizer over the
+synthetic vocabulary and a Llama-architecture model pretrained (seeded, deterministic, a few minutes on 2 CPU cores)
+on a mix of plain documents, noisy-context QA with mostly 0-2 distractors, and passkey retrieval. It is meant to
+answer well from the gold document alone and to be hurt by many similar distractors, so that denoising methods have
+room to help. The result is an ordinary checkpoint directory::
+
+    path = tiny_model_path()          # builds on first use, then reuses the cache
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+The cache lives in ``$ATTNDENOISE_CACHE`` (default ``~/.cache/attndenoise``) under ``tiny-<hash>``, where the hash
+covers every setting of ``TinyConfig`` and ``TINY_VERSION`` (bumped whenever the data or the training code changes
+what gets built). A build writes into a temporary directory beside the cache entry and renames it into place, so an
+interrupted build never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from .data.examples import NoisyExample, build_noisy_example
+from .data.formatting import DEFAULT_FORMAT, IGNORE_INDEX, collate, encode_for_training, format_context
+from .data.synthetic import ATTRIBUTE_BY_NAME, SyntheticQA
+from .data.tokenizer import build_tokenizer
+
+TINY_VERSION = 1
+CACHE_ENV = "ATTNDENOISE_CACHE"
+METADATA_FILE = "attndenoise_tiny.json"
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Everything that determines the built model (all of it enters the cache hash).
+
+    Model: a Llama with grouped-query attention (``num_key_value_heads < num_attention_heads``) and tied embeddings.
+    Data: each training sequence is QA with probability ``mix_qa`` (``k`` distractors with probability
+    ``distractor_weights[k]``, ``questions_per_context`` questions about people of the context, trained on the
+    answers), a passkey haystack of ``passkey_min_len..passkey_max_len`` tokens with probability ``mix_passkey``, else
+    plain text: ``2..max_plain_documents`` documents about similar people, some restated at the end (passkey and
+    plain text are trained on every token). The loss is averaged per sequence so that long sequences do not drown
+    the answers.
+    """
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    steps: int = 1200
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 60
+    weight_decay: float = 0.01
+    seed: int = 0
+    attributes_per_document: int = 3
+    share_name: float = 0.8
+    questions_per_context: int = 3
+    mix_qa: float = 0.7
+    mix_passkey: float = 0.15
+    distractor_weights: tuple[float, ...] = (0.3, 0.3, 0.25, 0.1, 0.05)
+    passkey_min_len: int = 16
+    passkey_max_len: int = 160
+    max_plain_documents: int = 6
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError("steps must be >= 0 and batch_size >= 1")
+        if not 0 <= self.mix_qa + self.mix_passkey <= 1:
+            raise ValueError("mix_qa + mix_passkey must be in [0, 1]")
+        if not self.distractor_weights or min(self.distractor_weights) < 0 or sum(self.distractor_weights) <= 0:
+            raise ValueError("distractor_weights must be non-negative with a positive sum")
+
+    def version_hash(self) -> str:
+        """A short hash of the settings and ``TINY_VERSION``: the cache key."""
+        payload = json.dumps({"version": TINY_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    """``$ATTNDENOISE_CACHE`` if set, else ``~/.cache/attndenoise``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "attndenoise"
+
+
+def tiny_model_path(cache_dir: str | Path | None = None, *, threads: int | None = None, **overrides: Any) -> Path:
+    """The directory of the tiny model for these settings, pretraining it first if it is not cached yet.
+
+    ``overrides`` are ``TinyConfig`` fields (``steps=20, hidden_size=32`` gives a model built in seconds, for tests);
+    ``threads`` is passed to ``pretrain_tiny``.
+    """
+    config = TinyConfig(**overrides)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / f"tiny-{config.version_hash()}"
+    if (final / METADATA_FILE).exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        pretrain_tiny(tmp, config=config, threads=threads)
+        try:
+            os.replace(tmp, final)  # atomic on one filesystem
+        except OSError:
+            # Another process finished the same build first (the target exists and is not empty): keep theirs.
+            if not (final / METADATA_FILE).exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextmanager
+def _deterministic(threads: int) -> Iterator[None]:
+    """Seeded-run settings, restored afterwards: a fixed thread count and deterministic ops."""
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def build_model(config: TinyConfig, vocab_size: int, special: dict[str, Any]) -> PreTrainedModel:
+    """A freshly initialised Llama of the configured size (seed the global generator first for reproducibility)."""
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, tie_word_embeddings=True,
+        **special,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+class _Mixture:
+    """The pretraining stream: seeded, so the same config always sees the same sequences."""
+
+    def __init__(self, config: TinyConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.rng = random.Random(f"attndenoise-pretrain:{config.seed}")
+        self.qa = SyntheticQA(config.seed, split="train", attributes_per_document=config.attributes_per_document,
+                              share_name=config.share_name)
+        self.max_k = len(config.distractor_weights) - 1
+
+    def sequence(self) -> dict[str, list[int]]:
+        c, r = self.config, self.rng
+        u = r.random()
+        if u < c.mix_qa:
+            k = r.choices(range(self.max_k + 1), weights=c.distractor_weights)[0]
+            raw = self.qa.example()
+            ex = build_noisy_example(raw, 0.0, rng=r, num=k)
+            feats = encode_for_training(ex, self.tokenizer).features()
+            # Follow-up questions about people of the same context (gold or not): more answers to learn from per
+            # context token. Each answer ends with EOS, which is where generation stops at evaluation.
+            facts = raw.meta["facts"]
+            asked = (raw.meta["entity"], raw.meta["attribute"])
+            candidates = [(facts[d][0], a, v) for d in ex.documents for a, v in sorted(facts[d][1].items())]
+            candidates = [x for x in candidates if x[:2] != asked]
+            for name, attr_name, value in r.sample(candidates, min(c.questions_per_context - 1, len(candidates))):
+                attr = ATTRIBUTE_BY_NAME[attr_name]
+                fmt = DEFAULT_FORMAT
+                q_text = "\n" + fmt.question.format(question=attr.question.format(name=name)) + fmt.answer_prefix
+                q = self.tokenizer(q_text, add_special_tokens=False)
+                a = self.tokenizer(fmt.answer.format(answer=value), add_special_tokens=False)
+                q_ids, a_ids = list(q["input_ids"]), [*a["input_ids"], self.tokenizer.eos_token_id]
+                feats["input_ids"] += q_ids + a_ids
+                feats["attention_mask"] += [1] * (len(q_ids) + len(a_ids))
+                feats["labels"] += [IGNORE_INDEX] * len(q_ids) + a_ids
+            return feats
+        if u < c.mix_qa + c.mix_passkey:
+            # Every token is a target: after the first filler cycle the text repeats, and the pass key appears twice
+            # before the answer, so most tokens are predictable by copying. That dense signal grows the copying
+            # (induction) heads the QA task also needs, much faster than answers alone.
+            length = r.randint(c.passkey_min_len, c.passkey_max_len)
+            ex = SyntheticQA.needle(length, r.random(), seed=r.randrange(2**31))
+            feats = encode_for_training(ex, self.tokenizer).features()
+            feats["labels"] = list(feats["input_ids"])
+            return feats
+        # Plain text: documents about similar people, then some of them restated in another order; every token is a
+        # target. A restated document is predictable only by finding the earlier one with the same full name, which
+        # is the lookup QA needs (and similar names make half a name insufficient).
+        docs = list(self.qa.example().documents)
+        r.shuffle(docs)
+        shown = docs[: r.randint(2, c.max_plain_documents)]
+        again = r.sample(shown, r.randint(1, min(3, len(shown))))
+        text, _ = format_context(NoisyExample("-", tuple(shown + again), (0,), "-"))
+        text = text.rsplit("\n\n", 1)[0]  # drop the placeholder question
+        ids = list(self.tokenizer(text)["input_ids"]) + [self.tokenizer.eos_token_id]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+
+    def batches(self, pool_batches: int = 8) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches. Sequences are drawn ``pool_batches`` batches at a time and grouped by length (then the
+        batches shuffled), which roughly halves the compute spent on padding."""
+        bs = self.config.batch_size
+        while True:
+            pool = sorted((self.sequence() for _ in range(bs * pool_batches)), key=lambda f: len(f["input_ids"]))
+            groups = [pool[i:i + bs] for i in range(0, len(pool), bs)]
+            self.rng.shuffle(groups)
+            for group in groups:
+                yield collate(group, self.tokenizer.pad_token_id)
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each sequence's targets, then over the batch."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.clamp_min(0).reshape(-1), reduction="none")
+    ce = (ce.view_as(targets) * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return ce[mask.any(1)].mean()
+
+
+def pretrain_tiny(
+    out_dir: str | Path,
+    *,
+    config: TinyConfig | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    threads: int | None = None,
+    **overrides: Any,
+) -> Path:
+    """Build the tokenizer, pretrain the tiny model and ``save_pretrained`` both into ``out_dir``.
+
+    ``config`` (or ``TinyConfig`` fields as keyword arguments) sets size, steps and seed; ``progress(step, loss)`` is
+    called after every optimizer step. ``threads`` (default: up to 2) only changes speed: on an oversubscribed
+    machine 1 is much faster, because a 2-thread op waits for its slower thread. Writes
+    ``attndenoise_tiny.json`` last (settings, hash, losses, wall time): its presence marks a complete build.
+    Deterministic: the same settings on the same software give identical weights.
+    """
+    if config is None:
+        config = TinyConfig(**overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tokenizer = build_tokenizer(model_max_length=config.max_position_embeddings)
+    special: dict[str, Any] = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    losses: list[float] = []
+    with _deterministic(threads or min(2, os.cpu_count() or 1)):
+        torch.manual_seed(config.seed)
+        model = build_model(config, len(tokenizer), special)
+        model.train()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.learning_rate, betas=(0.9, 0.98),
+        )
+
+        def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
+            if step < config.warmup_steps:
+                return (step + 1) / config.warmup_steps
+            t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        data = _Mixture(config, tokenizer).batches()
+        for step in range(config.steps):
+            batch = next(data)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = sequence_loss(logits, batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step + 1, losses[-1])
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    window = max(1, min(50, len(losses) // 10))
+    meta = {
+        "tiny_version": TINY_VERSION,
+        "hash": config.version_hash(),
+        "config": dataclasses.asdict(config),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_first": sum(losses[:window]) / window if losses else None,
+        "loss_last": sum(losses[-window:]) / window if losses else None,
+        "seconds": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+    }
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out

@@ -1,0 +1,132 @@
+"""The embedded tiny model: cache, atomic builds, save/load, determinism, and that pretraining learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import attndenoise.tiny as tiny
+from attndenoise.data import SyntheticQA, build_noisy_example, collate, encode_for_training
+from attndenoise.tiny import METADATA_FILE, TinyConfig, pretrain_tiny, sequence_loss, tiny_model_path
+
+# Small enough to build in a second or two on 2 cores.
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, batch_size=8, steps=40, warmup_steps=5, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One thread: identical results (see test_thread_count_does_not_change_weights), and much faster than two when
+    # other processes load the cores.
+    return tiny_model_path(tmp_path_factory.mktemp("cache"), threads=1, **SMALL)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def held_out_batch(tokenizer: object) -> dict[str, torch.Tensor]:
+    exs = [build_noisy_example(e, 0.5, rng=i) for i, e in enumerate(SyntheticQA(0, split="test").examples(16))]
+    return collate([encode_for_training(e, tokenizer) for e in exs], tokenizer.pad_token_id)  # type: ignore[attr-defined]
+
+
+def test_cache_layout_and_reuse(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert built.name == f"tiny-{TinyConfig(**SMALL).version_hash()}"
+    meta = json.loads((built / METADATA_FILE).read_text())
+    assert meta["config"]["steps"] == 40 and meta["hash"] == TinyConfig(**SMALL).version_hash()
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary directory left behind
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached model must not be rebuilt")
+
+    monkeypatch.setattr(tiny, "pretrain_tiny", fail)
+    assert tiny_model_path(built.parent, threads=1, **SMALL) == built
+
+
+def test_hash_covers_every_setting() -> None:
+    base = TinyConfig(**SMALL)
+    assert TinyConfig(**{**SMALL, "seed": 1}).version_hash() != base.version_hash()
+    assert TinyConfig(**{**SMALL, "steps": 41}).version_hash() != base.version_hash()
+    assert TinyConfig(**SMALL).version_hash() == base.version_hash()
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        TinyConfig(num_attention_heads=4, num_key_value_heads=3)
+
+
+def test_env_var_sets_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNDENOISE_CACHE", str(tmp_path / "env-cache"))
+    path = tiny_model_path(threads=1, **{**SMALL, "steps": 0})
+    assert path.parent == tmp_path / "env-cache" and (path / METADATA_FILE).exists()
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tiny.pretrain_tiny
+
+    def interrupted(out_dir: Path, **kwargs: object) -> Path:
+        real(out_dir, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # after the files are written, before the rename
+
+    monkeypatch.setattr(tiny, "pretrain_tiny", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model_path(tmp_path, threads=1, **{**SMALL, "steps": 0})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loads_like_any_model(built: Path, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(built).eval()
+    tok = AutoTokenizer.from_pretrained(built)
+    assert isinstance(model, LlamaForCausalLM)
+    cfg = model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention
+    assert (cfg.vocab_size, cfg.eos_token_id, cfg.pad_token_id) == (len(tok), tok.eos_token_id, tok.pad_token_id)
+    batch = held_out_batch(tok)
+    # Reference: a model built from the saved config with the saved tensors loaded by hand.
+    ref = LlamaForCausalLM(LlamaConfig.from_pretrained(built)).eval()
+    missing, unexpected = ref.load_state_dict(weights(built), strict=False)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(logits, expected)
+    # save_pretrained / from_pretrained again: identical logits.
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, logits)
+    out = model.generate(input_ids=batch["input_ids"][:1, :5], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_same_seed_same_weights(built: Path, tmp_path: Path) -> None:
+    again = pretrain_tiny(tmp_path / "again", threads=1, **SMALL)
+    a, b = weights(built), weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = pretrain_tiny(tmp_path / "other", threads=1, **{**SMALL, "seed": 1, "steps": 0})
+    c = weights(other)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_pretraining_lowers_the_loss(built: Path, tmp_path: Path) -> None:
+    init = pretrain_tiny(tmp_path / "init", threads=1, **{**SMALL, "steps": 0})  # same seed: the same initial weights
+    tok = AutoTokenizer.from_pretrained(built)
+    batch = held_out_batch(tok)
+    losses = {}
+    for name, path in (("init", init), ("trained", built)):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses[name] = sequence_loss(logits, batch["labels"]).item()
+    assert losses["trained"] < losses["init"] - 1.0, losses
+    meta = json.loads((built / METADATA_FILE).read_text())
+    assert meta["loss_last"] < meta["loss_first"]
+
+
+def test_thread_count_does_not_change_weights(tmp_path: Path) -> None:
+    few = {**SMALL, "steps": 3}
+    one = weights(pretrain_tiny(tmp_path / "one", threads=1, **few))
+    two = weights(pretrain_tiny(tmp_path / "two", threads=2, **few))
+    assert all(torch.equal(one[k], two[k]) for k in one)
