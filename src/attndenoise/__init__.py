@@ -12,7 +12,12 @@ from .io import AdapterLoadError, load, save
 from .methods.base import NotMergeableError
 from .methods.daa import DAAConfig
 from .methods.dex import DEXConfig
+from .methods.diff import DIFFConfig
 from .methods.diffqkv import DiffKConfig, DiffQConfig, DiffVConfig
+from .methods.dint import DINTConfig, LowRankDINTConfig
+from .methods.opamp import OpAmpConfig
+from .methods.sra import SRAConfig
+from .opamp_checkpoint import load_opamp_checkpoint
 from .patch import AlreadyAppliedError, NotAppliedError, apply, merge, method_modules, reference_mode, remove
 from .registry import METHODS, config_for
 from .schedule import LambdaCallback, current_lambdas, set_step, step
@@ -24,4 +29,6 @@ __all__ = [
     "LambdaCallback", "reference_mode", "method_modules", "MethodConfig", "DAAConfig", "DEXConfig", "DiffQConfig",
     "DiffKConfig", "DiffVConfig", "ConfigError", "AdapterLoadError", "NotMergeableError", "UnsupportedModelError",
     "AlreadyAppliedError", "NotAppliedError", "SUPPORTED_FAMILIES", "__version__",
+    "DIFFConfig", "DINTConfig", "LowRankDINTConfig", "SRAConfig",
+    "OpAmpConfig", "load_opamp_checkpoint",
 ]
