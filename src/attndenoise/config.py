@@ -42,6 +42,8 @@ class MethodConfig:
     """
 
     name: ClassVar[str] = ""
+    #: one line for `attndenoise methods` and the README
+    summary: ClassVar[str] = ""
     #: whether the method has parameters to train (SRA does not)
     trainable: ClassVar[bool] = True
 

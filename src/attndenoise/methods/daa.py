@@ -28,6 +28,7 @@ class DAAConfig(MethodConfig):
     """DAA options. ``where``: ``"pre_rope"`` (default) or ``"post_rope"``."""
 
     name = "daa"
+    summary = "per-head d x d query transform; O1 - lambda O2 with a second map from the transformed query (SPEC 2)"
     where: str = "pre_rope"
 
     def validate(self) -> None:

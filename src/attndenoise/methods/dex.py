@@ -40,6 +40,7 @@ class DEXConfig(MethodConfig):
     """
 
     name = "dex"
+    summary = "per-head d x d transform of each head's output, O (I - lambda W); merges into W_O (SPEC 4)"
     init: str = "identity"
     shared: bool = False
     head_selection: str = "all"

@@ -232,6 +232,7 @@ class DIFFConfig(MethodConfig):
     """
 
     name = "diff"
+    summary = "Differential Transformer retrofit: second Q/K projections copied from W_Q/W_K, O1 - lambda O2 (SPEC 5)"
     pairing: bool = False
     head_norm: bool = False
     norm_eps: float | None = None

@@ -31,6 +31,7 @@ class DiffQConfig(MethodConfig):
     """DiffQ: second query from the transformed layer input."""
 
     name = "diffq"
+    summary = "second query from the transformed layer input X W_D; O1 - lambda O2 (SPEC 3)"
 
 
 @dataclass
@@ -38,6 +39,7 @@ class DiffKConfig(MethodConfig):
     """DiffK: second key set from the transformed layer input (cached)."""
 
     name = "diffk"
+    summary = "second key set from X W_D, cached beside K; O1 - lambda O2 (SPEC 3)"
 
 
 @dataclass
@@ -45,6 +47,7 @@ class DiffVConfig(MethodConfig):
     """DiffV: values from ``X (I - lambda W_D)``; mergeable into ``W_V``."""
 
     name = "diffv"
+    summary = "values from X (I - lambda W_D); one attention call, merges into W_V (SPEC 3)"
 
 
 class _InputTransform(MethodModule):

@@ -144,6 +144,7 @@ class DINTConfig(MethodConfig):
     """
 
     name = "dint"
+    summary = "differential attention plus an integral term from the causal mean of the first map (SPEC 7)"
     causal_integral: bool = True
     lambda_reparam: bool = False
     lambda_std: float = 0.1
@@ -166,6 +167,7 @@ class LowRankDINTConfig(DINTConfig):
     """
 
     name = "lowrank_dint"
+    summary = "DINT with rank-r second projections (SPEC 7)"
     rank: int = 16
     temperature: str = "d81"
     rotary: bool = True

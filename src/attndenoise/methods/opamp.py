@@ -67,6 +67,7 @@ class OpAmpConfig(MethodConfig):
     """
 
     name = "opamp"
+    summary = "four bottleneck adapters on Q/K, (K + 1/2) O1 - (K - 1/2) O2 with CMRR K (SPEC 6)"
     adapter_dim: int = 64
     adapter_scaling: float = 1.0
     adapter_dropout: float = 0.1
