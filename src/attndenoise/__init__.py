@@ -6,9 +6,19 @@ Public API (see README.md): ``METHODS``, ``config_for``, ``apply``, ``remove``, 
 
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .config import ConfigError, MethodConfig
+from .evaluate import (
+    EvalResults,
+    evaluate_model,
+    evaluate_needle,
+    evaluate_noisy_qa,
+    evaluate_perplexity,
+    read_results,
+    write_results,
+)
 from .families import SUPPORTED as SUPPORTED_FAMILIES
 from .families import UnsupportedModelError
 from .io import AdapterLoadError, load, save
+from .measures import AttentionMeasures, dataset_attention, example_attention, measure_attention
 from .methods.base import NotMergeableError
 from .methods.daa import DAAConfig
 from .methods.dex import DEXConfig
@@ -31,4 +41,6 @@ __all__ = [
     "AlreadyAppliedError", "NotAppliedError", "SUPPORTED_FAMILIES", "__version__",
     "DIFFConfig", "DINTConfig", "LowRankDINTConfig", "SRAConfig",
     "OpAmpConfig", "load_opamp_checkpoint",
+    "evaluate_model", "evaluate_noisy_qa", "evaluate_needle", "evaluate_perplexity", "EvalResults", "write_results",
+    "read_results", "AttentionMeasures", "measure_attention", "example_attention", "dataset_attention",
 ]

@@ -1,0 +1,155 @@
+"""Figures for evaluation results and attention measures (issue 7; SPEC 9), drawn with matplotlib's Agg backend so
+they render without a display. Every function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers / CI
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .evaluate import METRICS, EvalResults  # noqa: E402
+from .measures import AttentionMeasures  # noqa: E402
+
+METRIC_LABELS = {"exact_match": "exact match", "f1": "token F1", "lenient": "lenient match (gold in prediction)"}
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return p
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))  # sample std over seeds
+
+
+def accuracy_by_noise(results: Sequence[EvalResults], metric: str = "exact_match"
+                      ) -> dict[str, dict[float, list[float]]]:
+    """label -> noise ratio -> one value per seed (the data of :func:`plot_accuracy`)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    table: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        for q in r.qa:
+            if q.noise_ratio is not None:
+                table[r.label][q.noise_ratio].append(getattr(q, metric))
+    return {k: dict(v) for k, v in table.items()}
+
+
+def plot_accuracy(results: Sequence[EvalResults], path: str | Path, *, metric: str = "exact_match",
+                  title: str | None = None) -> Path:
+    """Accuracy vs noise ratio, one line per model/method (``EvalResults.label``); results sharing a label (several
+    seeds) become the mean with error bars of one sample standard deviation."""
+    table = accuracy_by_noise(results, metric)
+    if not table:
+        raise ValueError("no noisy-QA results at explicit noise ratios to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_ratio in table.items():
+        ratios = sorted(by_ratio)
+        stats = [_mean_std(by_ratio[r]) for r in ratios]
+        several = any(len(by_ratio[r]) > 1 for r in ratios)
+        ax.errorbar(ratios, [s[0] for s in stats], yerr=[s[1] for s in stats] if several else None,
+                    marker="o", capsize=3, label=label)
+    ax.set_xlabel("noise ratio (share of distractor documents)")
+    ax.set_ylabel(METRIC_LABELS[metric])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or f"Noisy-context QA: {METRIC_LABELS[metric]}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_needle(result: EvalResults, path: str | Path, *, title: str | None = None) -> Path:
+    """Needle-in-a-haystack heatmap: depth (rows) x context length (columns), exact match in each cell."""
+    if not result.needle:
+        raise ValueError(f"'{result.label}' has no needle results to plot")
+    lengths = sorted({c.context_len for c in result.needle})
+    depths = sorted({c.depth for c in result.needle})
+    grid = torch.full((len(depths), len(lengths)), float("nan"))
+    for c in result.needle:
+        grid[depths.index(c.depth), lengths.index(c.context_len)] = c.exact_match
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.6 * len(depths) + 1.5))
+    im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth (0 = start)")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            v = float(grid[i, j])
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="exact match")
+    ax.set_title(title or f"Pass-key retrieval: {result.label}")
+    return _save(fig, path)
+
+
+def plot_attention_to_gold(measures: Mapping[str, AttentionMeasures], path: str | Path, *,
+                           title: str | None = None) -> Path:
+    """Attention to gold (solid) and attention noise (dashed) per layer, one colour per model/method (SPEC 9)."""
+    if not measures:
+        raise ValueError("no attention measures to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, (label, m) in enumerate(measures.items()):
+        color = f"C{k % 10}"
+        ax.plot(m.layers, m.gold, marker="o", color=color, label=f"{label}: gold")
+        ax.plot(m.layers, m.noise, marker="x", linestyle="--", color=color, label=f"{label}: noise")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention mass (mean over heads)")
+    ax.set_title(title or "Attention to gold vs noise per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_attention_map(attention: torch.Tensor, gold_spans: Sequence[tuple[int, int]], path: str | Path, *,
+                       query_rows: Sequence[int] | None = None, tokens: Sequence[str] | None = None,
+                       title: str | None = None) -> Path:
+    """Heatmap of one example's map (mean over heads if ``(H, N, N)`` is given) with the gold span marked.
+
+    ``query_rows`` (default all) picks the rows shown. Differential maps are signed, so the colour scale is
+    symmetric around zero (blue negative, red positive). Gold keys are outlined in green on the key axis.
+    """
+    a = attention.float()
+    if a.dim() == 3:
+        a = a.mean(0)
+    if a.dim() != 2:
+        raise ValueError(f"expected an (N, N) or (H, N, N) map, got shape {tuple(attention.shape)}")
+    rows = list(range(a.shape[0])) if query_rows is None else list(query_rows)
+    shown = a[rows]
+    vmax = float(shown.abs().max()) or 1.0
+    height = min(8.0, 2.0 + 0.08 * len(rows)) if len(rows) > 1 else 2.2
+    fig, ax = plt.subplots(figsize=(min(16.0, 3 + 0.06 * a.shape[1]), height))
+    im = ax.imshow(shown.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
+    for s, e in gold_spans:
+        ax.add_patch(plt.Rectangle((s - 0.5, -0.5), e - s, len(rows), fill=False, edgecolor="green", linewidth=2,
+                                   label="gold span"))
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
+    if len(rows) <= 40:
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    if tokens is not None and len(tokens) == a.shape[1] and a.shape[1] <= 120:
+        ax.set_xticks(range(len(tokens)), list(tokens), rotation=90, fontsize=6)
+    fig.colorbar(im, ax=ax, label="combined map (signed)")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles[:1], labels[:1], loc="upper left", fontsize=8)
+    ax.set_title(title or "Attention map")
+    return _save(fig, path)
+
+
+__all__ = ["plot_accuracy", "plot_needle", "plot_attention_to_gold", "plot_attention_map", "accuracy_by_noise"]
