@@ -1,7 +1,8 @@
 """attndenoise: make pretrained language models attend to the relevant part of a noisy context.
 
 Public API (see README.md): ``METHODS``, ``config_for``, ``apply``, ``remove``, ``merge``, ``save``, ``load``,
-``step``, ``LambdaCallback``, ``reference_mode``.
+``step``, ``LambdaCallback``, ``reference_mode``,
+``train``, ``TrainConfig``, ``load_trained``.
 """
 
 from . import methods as _methods  # noqa: F401  (registers every method)
@@ -31,6 +32,7 @@ from .opamp_checkpoint import load_opamp_checkpoint
 from .patch import AlreadyAppliedError, NotAppliedError, apply, merge, method_modules, reference_mode, remove
 from .registry import METHODS, config_for
 from .schedule import LambdaCallback, current_lambdas, set_step, step
+from .train import TrainConfig, TrainError, load_trained, train
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,7 @@ __all__ = [
     "AlreadyAppliedError", "NotAppliedError", "SUPPORTED_FAMILIES", "__version__",
     "DIFFConfig", "DINTConfig", "LowRankDINTConfig", "SRAConfig",
     "OpAmpConfig", "load_opamp_checkpoint",
+    "train", "TrainConfig", "TrainError", "load_trained",
     "evaluate_model", "evaluate_noisy_qa", "evaluate_needle", "evaluate_perplexity", "EvalResults", "write_results",
     "read_results", "AttentionMeasures", "measure_attention", "example_attention", "dataset_attention",
 ]

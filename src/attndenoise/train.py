@@ -1,0 +1,683 @@
+"""Training: one entry point for every method and the two baselines, built on ``transformers.Trainer``.
+
+Four kinds of run share the same data, step budget and optimiser, so their results compare fairly:
+
+* ``method``: an attndenoise method (``daa``, ``dex``, ...); only its parameters train.
+* ``method+lora``: a method with a peft LoRA on the attention projections under it; both train.
+* ``lora``: peft LoRA on the attention projections, nothing else (baseline).
+* ``none``: plain fine-tuning of the attention projections (q/k/v/o), everything else frozen (baseline).
+
+The output directory ends up holding::
+
+    run.json                              kind, method, config, base model, steps, loss/lambda history, seconds
+    adapter_config.json + adapter_model.safetensors   the method adapter (attndenoise.save), method kinds
+    lora/                                 the peft adapter, LoRA kinds
+    projections.safetensors               the trained projection tensors, kind none
+    checkpoint-N/                         Trainer checkpoints (each renamed into place only once complete)
+
+:func:`load_trained` turns any of these back into a trained model. ``run.json`` is written last, so a directory with
+it holds a finished run.
+
+Data order is fixed before training (seeded epoch permutations laid out end to end, read sequentially), so a run
+under ``torchrun`` with ``W`` processes of batch ``B`` sees exactly the batches of a one-process run of batch ``W*B``,
+and a resumed run sees the batches it would have seen uninterrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from . import registry
+from .config import ConfigError, MethodConfig
+from .data import (
+    ChatExample,
+    Example,
+    NoisyExample,
+    SyntheticQA,
+    collate,
+    encode_examples,
+    load_examples,
+    noisy_examples,
+)
+from .families import attention_layers
+from .io import AdapterLoadError, _copy_strict, adapter_tensors, base_signature, load, save
+from .patch import apply, remove, state_of
+from .schedule import LambdaCallback, current_lambdas
+
+BASELINES = ("none", "lora")
+KINDS = ("method", "method+lora", "lora", "none")
+RUN_FILE = "run.json"
+LORA_DIR = "lora"
+PROJECTIONS_FILE = "projections.safetensors"
+# Method tensors inside a checkpoint of a method+lora run: a flat file, because the Trainer takes any subfolder holding
+# adapter_model.safetensors for a peft adapter.
+CHECKPOINT_METHOD_FILE = "attndenoise_method.safetensors"
+RUN_FORMAT = 1
+SYNTHETIC = "synthetic"
+SYNTHETIC_DEFAULT_NOISE = 0.8
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or cannot continue; the message says why and what to do."""
+
+
+def known_methods() -> list[str]:
+    """Every name ``TrainConfig.method`` accepts: the baselines, then the registered methods."""
+    return [*BASELINES, *sorted(registry.METHODS)]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (recorded in ``run.json``).
+
+    Attributes:
+        model: path or hub id of the base causal LM (with its tokenizer).
+        method: a registered method name, or the baselines ``"none"`` (fine-tune q/k/v/o) / ``"lora"``.
+        data: a data file or ``datasets`` folder (see ``attndenoise.data.load_examples``), or ``"synthetic"``.
+        out: output directory.
+        method_options: fields of the method's config (``anneal_steps``, ``layers``, ...).
+        noise: noise ratio of the training contexts (distractors from the example's own list, then from other
+            examples); ``None`` keeps file examples as they are and means 0.8 for the synthetic data.
+        steps: optimiser steps. batch_size: examples per device per micro-batch. grad_accum: micro-batches per step.
+        max_length: tokens per example; longer ones lose distractors first, and are skipped when even the gold
+            documents do not fit.
+        save_steps: checkpoint every this many steps (``save_total_limit`` of them are kept).
+        resume: continue from the last checkpoint in ``out`` (start fresh when there is none).
+        lora / lora_rank / lora_alpha / lora_dropout: stack a peft LoRA on the attention projections under the method.
+        qlora: LoRA over a 4-bit base (CUDA and bitsandbytes only).
+        synthetic_examples: how many synthetic training examples to generate.
+    """
+
+    model: str = ""
+    method: str = "daa"
+    data: str = SYNTHETIC
+    out: str = "run"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    noise: float | None = None
+    steps: int = 100
+    learning_rate: float = 1e-3
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 512
+    seed: int = 0
+    save_steps: int = 50
+    save_total_limit: int = 2
+    resume: bool = False
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    qlora: bool = False
+    synthetic_examples: int = 1000
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    logging_steps: int = 10
+    dtype: str = "float32"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        """``"none"``, ``"lora"``, ``"method+lora"`` or ``"method"``."""
+        if self.method in BASELINES:
+            return self.method
+        return "method+lora" if (self.lora or self.qlora) else "method"
+
+    def method_config(self) -> MethodConfig | None:
+        """The validated method config, or ``None`` for the baselines."""
+        if self.method in BASELINES:
+            return None
+        return registry.config_for(self.method, **self.method_options)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the bad field and what is accepted."""
+        if self.method not in known_methods():
+            raise ConfigError(f"unknown method '{self.method}'; known methods: {', '.join(known_methods())}")
+        if self.method in BASELINES:
+            if self.method_options:
+                raise ConfigError(f"method '{self.method}' is a baseline and takes no method options "
+                                  f"(got {', '.join(sorted(self.method_options))})")
+            if self.lora:
+                raise ConfigError(f"--lora stacks LoRA under a method; with method '{self.method}' use "
+                                  "--method lora for plain LoRA")
+            if self.qlora and self.method == "none":
+                raise ConfigError("--qlora trains a LoRA; it does not combine with method 'none'")
+        else:
+            cfg = self.method_config()  # raises ConfigError for unknown fields / bad values
+            assert cfg is not None
+            if not cfg.trainable and self.kind == "method":
+                raise ConfigError(f"method '{self.method}' has no trainable parameters (inference only); "
+                                  "add --lora to train a LoRA under it, or use it without training")
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "save_steps", "save_total_limit",
+                     "lora_rank", "synthetic_examples", "logging_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r}: must be an integer >= 1")
+        for name in ("warmup_steps", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name}={v!r}: must be an integer >= 0")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int) or self.lora_alpha < 1:
+            raise ConfigError(f"lora_alpha={self.lora_alpha!r}: must be an integer >= 1")
+        for name in ("learning_rate",):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name}={v!r}: must be a number > 0")
+        if not 0.0 <= self.lora_dropout < 1.0 or not 0.0 <= self.weight_decay:
+            raise ConfigError("lora_dropout must be in [0, 1) and weight_decay >= 0")
+        if self.noise is not None and (isinstance(self.noise, bool) or not 0.0 <= self.noise < 1.0):
+            raise ConfigError(f"noise={self.noise!r}: must be a ratio in [0, 1) (0.8 = four distractors per gold)")
+        if self.lr_scheduler not in _SCHEDULERS:
+            raise ConfigError(f"lr_scheduler={self.lr_scheduler!r}; choose one of {', '.join(_SCHEDULERS)}")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}; choose one of {', '.join(_DTYPES)}")
+        if not self.out:
+            raise ConfigError("out: give an output directory")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run directory, its ``run.json`` content and the trained model in memory
+    (a ``peft.PeftModel`` for the LoRA kinds)."""
+
+    out_dir: Path
+    run: dict[str, Any]
+    model: nn.Module
+    main_process: bool = True  # False on the other processes of a distributed run
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+
+
+class _OrderedDataset(Dataset):
+    """Encoded examples in a fixed, precomputed order (read sequentially by the Trainer)."""
+
+    def __init__(self, features: list[dict[str, list[int]]], order: list[int]) -> None:
+        self.features, self.order = features, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.features[self.order[i]]
+
+
+def training_order(num_examples: int, total: int, seed: int) -> list[int]:
+    """``total`` example indices: seeded permutations of ``range(num_examples)`` laid end to end.
+
+    Fixing the order up front (instead of a sampler's shuffle) makes it independent of the process count and of
+    where a run was resumed.
+    """
+    rng = random.Random(f"attndenoise-train-order:{seed}")
+    order: list[int] = []
+    while len(order) < total:
+        perm = list(range(num_examples))
+        rng.shuffle(perm)
+        order.extend(perm)
+    return order[:total]
+
+
+def load_training_examples(config: TrainConfig) -> list[Example]:
+    """The raw examples of ``config.data`` with the noise ratio applied (no tokenizer needed yet)."""
+    if config.data == SYNTHETIC:
+        examples: list[Example] = list(SyntheticQA(config.seed, split="train").examples(config.synthetic_examples))
+        noise: float | None = SYNTHETIC_DEFAULT_NOISE if config.noise is None else config.noise
+    else:
+        path = Path(config.data)
+        if not path.exists():
+            raise FileNotFoundError(f"no such data file: {path} (give a .jsonl/.json/.csv/.parquet file, a "
+                                    f"datasets folder, or '{SYNTHETIC}')")
+        examples = load_examples(path)
+        noise = config.noise
+    if not examples:
+        raise TrainError(f"{config.data}: no training examples")
+    if noise is None:
+        return examples
+    chats = sum(isinstance(e, ChatExample) for e in examples)
+    if chats:
+        raise TrainError(f"{config.data}: --noise builds document contexts, but {chats} example(s) are chat "
+                         "examples; drop --noise for chat data")
+    docs = [e for e in examples if isinstance(e, NoisyExample)]
+    return list(noisy_examples(docs, noise, seed=config.seed))
+
+
+# -- model preparation ----------------------------------------------------------------------------------------------
+
+
+def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> module of every attention projection (q/k/v/o, fused qkv, GPT-2's c_attn/c_proj).
+
+    These are the direct linear children of each attention module, so per-head norms (Qwen3's q_norm) and any
+    attached method module are not included.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, nn.Module] = {}
+    for _, attn in attention_layers(model):
+        for child_name, child in attn.named_children():
+            if isinstance(child, nn.Linear | Conv1D):
+                out[f"{names[id(attn)]}.{child_name}"] = child
+    if not out:
+        raise TrainError("found no attention projections (q/k/v/o) in this model")
+    return out
+
+
+def projection_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Full parameter name -> parameter of the attention projections (weights and biases)."""
+    return {f"{mn}.{pn}": p for mn, m in projection_modules(model).items() for pn, p in m.named_parameters()}
+
+
+def _lora_config(config: TrainConfig, model: nn.Module) -> Any:
+    from peft import LoraConfig
+
+    # Full module names: GPT-2's attention c_proj shares its short name with the MLP's c_proj.
+    return LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=sorted(projection_modules(model)), bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def _check_qlora_available() -> None:
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA device")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package")
+    if missing:
+        raise TrainError(f"--qlora needs {' and '.join(missing)}; use --lora for LoRA over the full-precision model")
+
+
+def _load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[config.dtype]}
+        if config.qlora:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True,
+            )
+            kwargs["dtype"] = torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+    except OSError as e:
+        raise TrainError(f"cannot load model '{config.model}': {e}") from None
+    if config.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model, tokenizer
+
+
+def prepare_model(model: nn.Module, config: TrainConfig, lora_config: Any = None) -> tuple[nn.Module, nn.Module]:
+    """Make exactly the parameters of ``config.kind`` trainable.
+
+    Returns ``(train_model, base)``: what the Trainer trains (a ``PeftModel`` for the LoRA kinds) and the transformers
+    model inside it (the one carrying the method, if any).
+    """
+    kind = config.kind
+    if kind == "none":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in projection_parameters(model).values():
+            p.requires_grad_(True)
+        return model, model
+    if kind in ("method", "method+lora"):
+        cfg = config.method_config()
+        assert cfg is not None
+        apply(model, cfg)
+    if kind == "method":
+        return model, model
+    from peft import get_peft_model
+
+    lora_config = lora_config or _lora_config(config, model)
+    method_params = [p for p in model.parameters() if p.requires_grad] if kind == "method+lora" else []
+    peft_model = get_peft_model(model, lora_config)
+    # peft freezes everything but the LoRA matrices; the method's parameters train beside them (NOTES: keeping
+    # them trainable works; they are saved separately in the attndenoise format, not by peft).
+    for p in method_params:
+        p.requires_grad_(True)
+    return peft_model, model
+
+
+# -- the Trainer ----------------------------------------------------------------------------------------------------
+
+
+class _Trainer(Trainer):
+    """``Trainer`` whose checkpoints appear atomically: each is written under ``.tmp-checkpoint-N`` and renamed to
+    ``checkpoint-N`` once complete (every process has written its part), so ``get_last_checkpoint`` never sees a
+    half-written one after a crash. For method+lora runs the method tensors go into the checkpoint too (peft's
+    adapter save keeps only LoRA tensors)."""
+
+    def __init__(self, *args: Any, method_model: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._method_model = method_model
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        run_dir = Path(str(self.args.output_dir))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f".tmp-{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+            if self._method_model is not None and self.args.should_save:
+                tensors = {k: v.cpu() for k, v in adapter_tensors(self._method_model).items()}
+                save_file(tensors, str(staging / name / CHECKPOINT_METHOD_FILE), metadata={"format": "pt"})
+        finally:
+            self.args.output_dir = str(run_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = run_dir / name
+            if final.exists():  # a re-run of the same step: replace it
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class _History(TrainerCallback):
+    """Adds lambda per layer (per head where the method has one per head) to each entry of the Trainer's log history,
+    which checkpoints carry, so run.json of a resumed run holds the whole history."""
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        if model is None or not state.log_history:
+            return
+        for name, values in current_lambdas(model).items():
+            state.log_history[-1][f"lambda/{name}"] = values
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _replace_dir(write: Any, target: Path) -> None:
+    """Write a directory under a temporary name, then swap it into place."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"attndenoise": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+# -- train ----------------------------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    model: nn.Module | str | os.PathLike[str] | None = None,
+    tokenizer: Any = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    **overrides: Any,
+) -> TrainResult:
+    """Train ``config.kind`` on ``config.data`` and write the run directory ``config.out``.
+
+    ``model``/``tokenizer`` objects replace loading from ``config.model`` (which is then only recorded); a string
+    ``model`` is the path or hub id (``config.model``).
+    Keyword ``overrides`` are ``TrainConfig`` fields (``train(model="path", method="daa", steps=10)``).
+    Runs unchanged under ``torchrun`` (each process calls this; only the main process writes the outputs).
+    """
+    if isinstance(model, str | os.PathLike):
+        overrides["model"], model = str(model), None
+    config = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    if config.qlora:
+        _check_qlora_available()  # before anything is loaded
+        if model is not None:
+            raise TrainError("--qlora loads the base in 4 bits itself: pass the model path, not a model object")
+    if model is None and not config.model:
+        raise ConfigError("model: give a model path or hub id (or pass a model object)")
+    if (model is None) != (tokenizer is None):
+        raise ConfigError("pass both model and tokenizer objects, or neither")
+    out = Path(config.out)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if out.is_dir() and not config.resume and (last is not None or (out / RUN_FILE).exists()):
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+    examples = load_training_examples(config)  # data errors surface before the model is loaded
+    if model is None:
+        model, tokenizer = _load_model(config)
+    base_path = config.model or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+
+    set_seed(config.seed)  # LoRA initialisation; identical on every process
+    report = encode_examples(examples, tokenizer, config.max_length, on_too_long="skip")
+    if not report.encoded:
+        raise TrainError(f"no example fits in max_length={config.max_length}; raise --max-length")
+    features = [e.features() for e in report.encoded]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise TrainError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+
+    lora_config = _lora_config(config, model) if config.kind in ("lora", "method+lora") else None
+    train_model, base = prepare_model(model, config, lora_config)
+    signature = base_signature(base)
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, max_steps=config.steps, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, lr_scheduler_type=config.lr_scheduler,
+        logging_steps=config.logging_steps, logging_first_step=True, save_strategy="steps",
+        save_steps=config.save_steps, save_total_limit=config.save_total_limit, seed=config.seed,
+        data_seed=config.seed, report_to=[], use_cpu=not cuda,
+        disable_tqdm=not config.progress, remove_unused_columns=False, dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        # Some methods leave parameters unused in some layers (e.g. layer selection); DDP must be told.
+        ddp_find_unused_parameters=config.kind != "none",
+    )
+    global_batch = config.batch_size * config.grad_accum * args.world_size
+    dataset = _OrderedDataset(features, training_order(len(features), config.steps * global_batch, config.seed))
+    trainer = _Trainer(
+        model=train_model, args=args, train_dataset=dataset,
+        data_collator=lambda batch: collate(batch, pad_id),
+        callbacks=[LambdaCallback(), _History(), *callbacks],
+        method_model=base if config.kind == "method+lora" else None,
+    )
+    if args.should_save:
+        for stale in out.glob(f".tmp-{PREFIX_CHECKPOINT_DIR}-*"):  # left by a run killed mid-checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+    resume_from = get_last_checkpoint(str(out)) if config.resume and out.is_dir() else None
+    if resume_from is not None and config.kind == "method+lora":
+        method_file = Path(resume_from) / CHECKPOINT_METHOD_FILE
+        _copy_strict(base, load_file(str(method_file)), method_file)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+
+    run = {
+        "format_version": RUN_FORMAT,
+        "kind": config.kind,
+        "method": config.method,
+        "method_config": (state_of(base).config.to_dict() if state_of(base) is not None else None),  # type: ignore[union-attr]
+        "lora": lora_config.to_dict() if lora_config is not None else None,
+        "config": config.to_dict(),
+        "base_model": base_path,
+        "base": signature,
+        "steps": trainer.state.global_step,
+        "world_size": args.world_size,
+        "global_batch": global_batch,
+        "examples": len(features),
+        "skipped_too_long": len(report.skipped),
+        "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "lambda_history": [
+            {"step": h["step"], **{k: v for k, v in h.items() if k.startswith("lambda/")}}
+            for h in trainer.state.log_history if any(k.startswith("lambda/") for k in h)
+        ],
+        "final_lambdas": current_lambdas(base),
+        "seconds": round(seconds, 3),
+        "resumed_from": resume_from,
+        "versions": _versions(),
+    }
+    run["lora"] = _jsonable(run["lora"])
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_outputs(out, config.kind, train_model, base)
+        _atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(out_dir=out, run=run, model=train_model, main_process=trainer.is_world_process_zero())
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def _write_outputs(out: Path, kind: str, train_model: nn.Module, base: nn.Module) -> None:
+    if kind in ("method", "method+lora"):
+        save(base, out)
+    if kind in ("lora", "method+lora"):
+        _replace_dir(lambda d: train_model.save_pretrained(str(d)), out / LORA_DIR)  # type: ignore[operator]
+    if kind == "none":
+        tensors = {n: p.detach().cpu().contiguous() for n, p in projection_parameters(base).items()}
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PROJECTIONS_FILE}.")
+        os.close(fd)
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, out / PROJECTIONS_FILE)
+
+
+# -- loading --------------------------------------------------------------------------------------------------------
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``run.json`` of a finished run, checked for the fields :func:`load_trained` needs."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise AdapterLoadError(f"{path}: no run.json here (not a finished `attndenoise train` output directory)")
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterLoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(run, dict) or run.get("format_version") != RUN_FORMAT:
+        raise AdapterLoadError(f"{path}: unknown run format (expected format_version {RUN_FORMAT})")
+    if run.get("kind") not in KINDS:
+        raise AdapterLoadError(f"{path}: kind {run.get('kind')!r} is not one of {', '.join(KINDS)}")
+    if not isinstance(run.get("base"), dict):
+        raise AdapterLoadError(f"{path}: missing the 'base' section")
+    return run
+
+
+def load_trained(model: nn.Module, run_dir: str | os.PathLike[str]) -> nn.Module:
+    """The trained model of the run in ``run_dir``, built on ``model`` (a stock model of the run's base).
+
+    * ``method``: ``model`` with the method adapter applied (as :func:`attndenoise.load`).
+    * ``none``: ``model`` with the trained projection tensors copied in.
+    * ``lora`` / ``method+lora``: a ``peft.PeftModel`` wrapping ``model`` (with the method applied first for
+      ``method+lora``), exactly as trained; ``.get_base_model()`` is the transformers model carrying the method.
+      It is not merged: methods that read the projection weights see the base weights, as during training.
+
+    Strict: another base architecture, a missing or extra tensor, or a wrong shape raises
+    :class:`attndenoise.AdapterLoadError` and leaves ``model`` as it was.
+    """
+    d = Path(run_dir)
+    run = read_run(d)
+    kind = run["kind"]
+    if state_of(model) is not None:
+        raise AdapterLoadError("the model already carries an attndenoise method; pass a stock model")
+    expected, actual = run["base"], base_signature(model)
+    diffs = [f"{k}: run {expected.get(k)!r} vs model {actual[k]!r}" for k in actual if expected.get(k) != actual[k]]
+    if diffs:
+        raise AdapterLoadError(f"{d}: the run was trained on another base architecture ({'; '.join(diffs)})")
+    if kind == "none":
+        _load_projections(model, d / PROJECTIONS_FILE)
+        return model
+    if kind in ("method", "method+lora"):
+        load(model, d)
+    if kind == "method":
+        return model
+    try:
+        return _load_lora(model, d / LORA_DIR)
+    except Exception:
+        if state_of(model) is not None:
+            remove(model)
+        raise
+
+
+def _load_projections(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise AdapterLoadError(f"{path}: missing the trained projection tensors")
+    tensors = load_file(str(path))
+    targets = projection_parameters(model)
+    missing, extra = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    if missing:
+        raise AdapterLoadError(f"{path}: missing tensor(s) {', '.join(missing)}")
+    if extra:
+        raise AdapterLoadError(f"{path}: unexpected tensor(s) {', '.join(extra)} (not projections of this model)")
+    for k, t in targets.items():
+        if tuple(tensors[k].shape) != tuple(t.shape):
+            raise AdapterLoadError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, "
+                                   f"the model expects {tuple(t.shape)}")
+    with torch.no_grad():
+        for k, t in targets.items():
+            t.copy_(tensors[k].to(device=t.device, dtype=t.dtype))
+
+
+def _load_lora(model: nn.Module, lora_dir: Path) -> nn.Module:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    weights = lora_dir / "adapter_model.safetensors"
+    if not (lora_dir / "adapter_config.json").is_file() or not weights.is_file():
+        raise AdapterLoadError(f"{lora_dir}: missing the peft adapter (adapter_config.json, adapter_model.safetensors)")
+    saved = load_file(str(weights))
+    peft_model = PeftModel.from_pretrained(model, str(lora_dir), is_trainable=False)
+    # peft only warns about keys it could not place: check both directions ourselves.
+    have = get_peft_model_state_dict(peft_model)
+    missing, extra = sorted(set(have) - set(saved)), sorted(set(saved) - set(have))
+    if missing or extra:
+        peft_model.unload()
+        raise AdapterLoadError(f"{weights}: LoRA tensors do not match the model (missing: {missing or 'none'}; "
+                               f"unexpected: {extra or 'none'})")
+    return peft_model
+
+
+__all__ = [
+    "TrainConfig", "TrainResult", "TrainError", "train", "load_trained", "read_run", "known_methods", "KINDS",
+    "projection_parameters", "training_order",
+]
