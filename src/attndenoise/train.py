@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from . import registry
@@ -522,6 +522,10 @@ def train(
         callbacks=[LambdaCallback(), _History(), *callbacks],
         method_model=base if config.kind == "method+lora" else None,
     )
+    if not config.progress:
+        # Without the progress bar the Trainer prints every log dict instead; progress=False means quiet (the
+        # history still goes to run.json).
+        trainer.remove_callback(PrinterCallback)
     if args.should_save:
         for stale in out.glob(f".tmp-{PREFIX_CHECKPOINT_DIR}-*"):  # left by a run killed mid-checkpoint
             shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""The demo end to end on a model built in seconds: every row trained/evaluated, report and plots written, finished
+runs reused, and the report's numbers equal the results files it was built from (an independent read-back)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from attndenoise.cli import app
+from attndenoise.demo import DemoConfig, run_demo
+from attndenoise.evaluate import read_results
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, batch_size=8, steps=20, warmup_steps=5, max_position_embeddings=512)
+
+
+def _config(tmp: Path, **kw: object) -> DemoConfig:
+    base = dict(out=str(tmp / "out"), methods=["daa"], steps=3, batch_size=2, synthetic_examples=8, n_eval=3,
+                eval_noise=(0.0, 0.8), context_lengths=(48,), depths=(0.5,), needle_n=1, attention_examples=2,
+                tiny=SMALL, cache_dir=str(tmp / "cache"), threads=1)
+    base.update(kw)
+    return DemoConfig(**base)  # type: ignore[arg-type]
+
+
+def test_demo_runs_every_row_and_reports_what_it_measured(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, seeds=2)
+    report = run_demo(cfg)
+    text = report.read_text()
+    out = report.parent
+    for png in ("accuracy.png", "attention_to_gold.png", "needle_base.png"):
+        assert (out / png).stat().st_size > 1000
+    results = read_results(out)
+    labels = {r.label for r in results}
+    assert labels == {"base", "sra", "none", "lora", "daa"}
+    assert len(results) == 2 * len(labels)  # every row, every seed
+    # The table's cell for daa at noise 0.8 is the mean and std of what results.json holds for it.
+    vals = [q.exact_match for r in results if r.label == "daa" for q in r.qa if q.noise_ratio == 0.8]
+    mean = sum(vals) / 2
+    sd = (sum((v - mean) ** 2 for v in vals)) ** 0.5  # sample std of 2 values: |a - b| / sqrt(2)
+    row = next(line for line in text.splitlines() if line.startswith("| daa |"))
+    assert f"{mean:.3f} ± {sd:.3f}" in row
+    att = json.loads((out / "attention.json").read_text())
+    assert set(att) == labels and all(len(v) == 2 for v in att.values())
+    for label in ("none", "lora", "daa"):
+        assert (out / "runs" / "seed1" / label / "run.json").exists()
+
+
+def test_demo_reuses_finished_runs_and_refuses_other_settings(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    run_demo(cfg)
+    run_json = tmp_path / "out" / "runs" / "seed0" / "daa" / "run.json"
+    stamp = run_json.stat().st_mtime_ns
+    run_demo(cfg)
+    assert run_json.stat().st_mtime_ns == stamp  # reused, not retrained
+    with pytest.raises(FileExistsError, match="other settings"):
+        run_demo(_config(tmp_path, steps=4))
+
+
+def test_demo_config_errors_name_the_accepted_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="trainable: .*daa"):
+        _config(tmp_path, methods=["sra"])
+    with pytest.raises(ValueError, match="seeds"):
+        _config(tmp_path, seeds=0)
+    result = CliRunner().invoke(app, ["demo", "--methods", "nope", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "trainable" in result.output
