@@ -14,8 +14,9 @@ right before the timed prefill (the model, the input and a short warm-up are alr
 full maps alone would not fit in memory is skipped and reported as such.
 
     python bench/bench_sra.py [--lengths 2048 8192 16384] [--repeats 2] [--threads 1]
+    python bench/bench_sra.py --quick      # 1024 tokens, 1 repeat; prints only
 
-Writes bench/results/sra.md and prints it.
+Writes bench/results/sra.md and the ``<!-- bench:sra -->`` section of BENCHMARKS.md, and prints it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from attndenoise.benchmark import machine_info, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
@@ -131,8 +134,9 @@ def table(rows: dict[tuple[str, int], dict | str], lengths: list[int]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="default 2048 8192 16384 (quick: 1024)")
+    ap.add_argument("--repeats", type=int, default=None, help="prefills timed per configuration (default 2, quick 1)")
+    ap.add_argument("--quick", action="store_true", help="1024 tokens, 1 repeat, print only (no files written)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (default 1: on a shared 2-core machine, 2 threads measured the "
                          "scheduler more than the method)")
@@ -141,6 +145,8 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a.worker[0], int(a.worker[1]), int(a.worker[2]), int(a.worker[3]))))
         return
+    a.lengths = a.lengths or ([1024] if a.quick else [2048, 8192, 16384])
+    a.repeats = a.repeats or (1 if a.quick else 2)
     rows: dict[tuple[str, int], dict | str] = {}
     t_start = time.perf_counter()
     for n in a.lengths:
@@ -160,6 +166,7 @@ def main() -> None:
         f"{MODEL['num_attention_heads']} heads / {MODEL['num_key_value_heads']} kv heads, batch 1, CPU "
         f"({platform.machine()}, {a.threads} thread{'s' if a.threads > 1 else ''}), default SRA constants "
         "(b=100, t=200)\n\n"
+        f"Machine: {machine_info(a.threads)}.\n\n"
         "Peak memory: `ru_maxrss` of a fresh process per configuration minus its resident size right before the "
         "prefill (model, input and a warm-up already resident). Time: best of "
         f"{a.repeats} prefills (full-map: 1). `full-map` is the same rule on the full n x n map of every layer "
@@ -167,9 +174,11 @@ def main() -> None:
         + table(rows, a.lengths)
         + f"\nTotal benchmark wall time {total:.0f} s.\n"
     )
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "sra.md").write_text(md)
     print(md)
+    if not a.quick:
+        (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+        (ROOT / "bench" / "results" / "sra.md").write_text(md)
+        write_section("sra", md, ROOT / "BENCHMARKS.md")
 
 
 if __name__ == "__main__":

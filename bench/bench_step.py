@@ -1,169 +1,122 @@
-"""Training-step benchmark: forward+backward time and peak memory, each method vs the stock model (same run).
+"""Training-step benchmark: forward+backward+AdamW time and peak memory, each method vs the stock model (same run).
 
-Every configuration runs in its own subprocess, so peak RSS (``ru_maxrss``) belongs to that configuration alone;
-the table reports the step's peak memory above the process's footprint right before the step, and all figures as
-ratios to the stock model measured in the same run. ``stock x2`` is a stock model whose attention runs twice (the
-physical cost of two softmax maps), the yardstick for two-map methods.
+Time: for each sequence length one worker process builds every configuration (stock, stock x2 and each method) and
+times them round-robin, one measurement of each per round with the order rotated every round, after one warm-up step
+each (a measurement is the mean of k consecutive steps, k chosen so that it lasts >= 0.3 s);
+the table reports, per configuration, the median over rounds of its step time divided by stock's (or stock x2's)
+step time *in the same round*, so load from other processes on a shared machine hits numerator and denominator
+alike. ``stock x2`` is a stock model whose attention runs twice (the physical cost of two softmax maps), the
+yardstick of the two-map methods.
 
-    python bench/bench_step.py [--lengths 512 1024 4096] [--methods daa dex ...] [--steps 3]
+Memory: every (configuration, length) runs in its own fresh process (two at a time): one 16-token warm-up step
+(creates the optimizer state), then the peak resident size of one full step (kernel high-water mark ``VmHWM``, reset
+right before the step) above the resident size right before it.
 
-Writes bench/results/step.md and the section between the markers in BENCHMARKS.md.
+    python bench/bench_step.py [--lengths 512 1024 4096] [--methods daa dex ...] [--rounds 5] [--threads 1]
+    python bench/bench_step.py --quick      # short lengths, 2 rounds; prints only
+
+Writes bench/results/step.md and the ``<!-- bench:step -->`` section of BENCHMARKS.md.
+Targets (issue): step time <= 1.15 x stock x2 at every length; peak memory at 4096 <= 1.25 x stock.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from attndenoise import benchmark as B
+
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-             intermediate_size=688, vocab_size=1024, max_position_embeddings=8192)
+
+TIME_LIMIT = 1.15  # x stock x2
+MEM_LIMIT = 1.25  # x stock, at MEM_TARGET_LENGTH
+MEM_TARGET_LENGTH = 4096
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def worker(method: str, length: int, steps: int) -> dict:
-    """One configuration: build the model, run ``steps`` timed fwd+bwd steps after measuring the first."""
-    import resource
-
-    import torch
-    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    import attndenoise as ad
-
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL))
-    if method == "stock x2":
-        def twice(module, q, k, v, mask, **kw):  # type: ignore[no-untyped-def]
-            o1, _ = sdpa_attention_forward(module, q, k, v, mask, **kw)
-            o2, _ = sdpa_attention_forward(module, q, k, v, mask, **kw)
-            return 0.5 * (o1 + o2), None
-
-        AttentionInterface.register("sdpa_twice", twice)
-        AttentionMaskInterface.register("sdpa_twice", sdpa_mask)
-        model.set_attn_implementation("sdpa_twice")
-    elif method != "stock":
-        ad.apply(model, ad.config_for(method, anneal_steps=0))
-        with torch.no_grad():  # lambda != 0 so no term is skipped by accident
-            for m in ad.method_modules(model).values():
-                for name, p in m.named_parameters():
-                    if name.endswith("lambda_learn"):
-                        p.fill_(0.5)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if method in ("stock", "stock x2"):  # stock baselines train the attention projections
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params = []
-        for layer in model.model.layers:
-            for p in layer.self_attn.parameters():
-                p.requires_grad_(True)
-                params.append(p)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    x = torch.randint(0, MODEL["vocab_size"], (1, length))
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        model(x, labels=x).loss.backward()
-        opt.step()
-
-    base = _rss_kib()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"method": method, "length": length, "time_s": statistics.median(times), "peak_mib": peak / 1024}
-
-
-def run_one(method: str, length: int, steps: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", method, str(length), str(steps)],
-        check=True, capture_output=True, text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def table(rows: list[dict], lengths: list[int], methods: list[str]) -> str:
-    by = {(r["method"], r["length"]): r for r in rows}
+def table(times: dict[int, dict[str, list[float]]], mem: dict[tuple[str, int], float], lengths: list[int],
+          labels: list[str]) -> str:
     head = "| method | " + " | ".join(
         f"time/stock @{n} | time/(stock x2) @{n} | peak mem/stock @{n}" for n in lengths
-    ) + " |"
-    lines = [head, "|" + "---|" * (1 + 3 * len(lengths))]
-    for m in ["stock", "stock x2", *methods]:
-        cells = []
+    ) + " | targets met |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(lengths))]
+    for lab in labels:
+        cells, ok = [], []
         for n in lengths:
-            r, s, s2 = by[(m, n)], by[("stock", n)], by[("stock x2", n)]
-            cells += [f"{r['time_s'] / s['time_s']:.2f}", f"{r['time_s'] / s2['time_s']:.2f}",
-                      f"{r['peak_mib'] / s['peak_mib']:.2f}"]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    abs_line = "Stock absolute: " + ", ".join(
-        f"{n} tokens {by[('stock', n)]['time_s'] * 1000:.0f} ms/step, {by[('stock', n)]['peak_mib']:.0f} MiB peak"
+            t = times[n]
+            r1, r2 = B.median_ratio(t[lab], t["stock"]), B.median_ratio(t[lab], t["stock x2"])
+            rm = mem[(lab, n)] / mem[("stock", n)]
+            limit_t = TIME_LIMIT if lab not in B.BASELINES else None
+            limit_m = MEM_LIMIT if n == MEM_TARGET_LENGTH and lab not in B.BASELINES else None
+            cells += [f"{r1:.2f}", B.fmt_ratio(r2, limit_t), B.fmt_ratio(rm, limit_m)]
+            if limit_t is not None:
+                ok.append(r2 <= limit_t)
+            if limit_m is not None:
+                ok.append(rm <= limit_m)
+        verdict = "-" if lab in B.BASELINES else ("yes" if all(ok) else "**no**")
+        lines.append(f"| {lab}{' (2 maps)' if lab in B.TWO_MAP else ''} | " + " | ".join(cells) + f" | {verdict} |")
+    abs_lines = [
+        f"- {n} tokens: stock {statistics.median(times[n]['stock']) * 1000:.0f} ms/step "
+        f"(stock x2 {statistics.median(times[n]['stock x2']) * 1000:.0f} ms), "
+        f"stock step peak {mem[('stock', n)]:.0f} MiB"
         for n in lengths
-    )
-    return "\n".join(lines) + "\n\n" + abs_line + "\n"
-
-
-def write_section(name: str, body: str) -> None:
-    """Replace the section between ``<!-- bench:name -->`` markers in BENCHMARKS.md (append if absent)."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nGenerated by the scripts in bench/.\n"
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = f"{start}\n{body}\n{end}"
-    if start in text:
-        a, b = text.index(start), text.index(end) + len(end)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    ]
+    return "\n".join(lines) + "\n\nAbsolute (medians):\n\n" + "\n".join(abs_lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 4096])
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="default 512 1024 4096 (quick: 128 256)")
     ap.add_argument("--methods", nargs="+", default=None, help="default: every trainable registered method")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per length (default 5, quick 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per worker (default 1: on a shared 2-core machine 2 threads measure the "
+                         "scheduler more than the method)")
+    ap.add_argument("--quick", action="store_true", help="short lengths, 2 rounds, print only (no files written)")
+    ap.add_argument("--note", default="", help="a line added to the output header (e.g. machine load)")
     a = ap.parse_args()
-    if a.worker:
-        print(json.dumps(worker(a.worker[0], int(a.worker[1]), int(a.worker[2]))))
-        return
-    import attndenoise as ad
+    lengths = a.lengths or ([128, 256] if a.quick else [512, 1024, 4096])
+    rounds = a.rounds or (2 if a.quick else 5)
+    methods = a.methods or B.trainable_methods()
+    labels = [*B.BASELINES, *methods]
 
-    methods = a.methods or [n for n, c in ad.METHODS.items() if c.trainable]
-    rows = []
-    for n in a.lengths:
-        for m in ["stock", "stock x2", *methods]:
-            r = run_one(m, n, a.steps)
-            print(f"{m:>12} @{n}: {r['time_s'] * 1000:8.1f} ms  {r['peak_mib']:8.1f} MiB", flush=True)
-            rows.append(r)
+    t_start = time.perf_counter()
+    mem: dict[tuple[str, int], float] = {}
+    for n in lengths:  # memory first, 2 processes at a time (a process's resident size is its own)
+        for lab, peak in B.step_peaks_mib(labels, n, a.threads, parallel=2).items():
+            mem[(lab, n)] = peak
+            print(f"memory {lab:>12} @{n}: {peak:8.1f} MiB", flush=True)
+    times: dict[int, dict[str, list[float]]] = {}
+    for n in lengths:
+        times[n] = B.run_worker("step_times", a.threads, labels=labels, length=n, rounds=rounds)
+        for lab in labels:
+            print(f"time {lab:>12} @{n}: median {statistics.median(times[n][lab]) * 1000:8.1f} ms, "
+                  f"x stock {B.median_ratio(times[n][lab], times[n]['stock']):.2f}", flush=True)
+    total = time.perf_counter() - t_start
+
     md = (
-        f"### Training step (forward + backward + AdamW), tiny Llama {MODEL['hidden_size']}d x "
-        f"{MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} heads / "
-        f"{MODEL['num_key_value_heads']} kv heads, batch 1, CPU ({platform.machine()}, 2 threads), "
-        f"median of {a.steps} steps\n\n" + table(rows, a.lengths, methods)
+        f"### Training step (forward + backward + AdamW), {B.model_description()}, CPU\n\n"
+        f"Machine: {B.machine_info(a.threads)}.\n"
+        + (f"{a.note}\n" if a.note else "")
+        + f"\nTime: one worker process per length builds every configuration and times them round-robin ({rounds} "
+        "rounds, one measurement each per round, order rotated each round, after 1 warm-up step each; a measurement "
+        "is the mean of k consecutive steps, k chosen so that it lasts >= 0.3 s); each ratio is the median over "
+        "rounds of the per-round ratio. Memory: one fresh process per (configuration, length), peak resident size "
+        "of one step (kernel high-water mark reset right before it) above the resident size before it, after a "
+        "16-token warm-up step that creates the optimizer state. Stock and stock x2 train their attention "
+        "projections, methods their own parameters; lambda = 0.5. "
+        f"Targets: time <= {TIME_LIMIT} x stock x2 at every length, peak memory at {MEM_TARGET_LENGTH} <= "
+        f"{MEM_LIMIT} x stock (values over a target in bold with ✗). (2 maps) = the method computes two attention "
+        "maps per head.\n\n"
+        + table(times, mem, lengths, labels)
+        + f"\nTotal benchmark wall time {total:.0f} s.\n"
     )
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "step.md").write_text(md)
-    write_section("step", md)
     print(md)
+    if not a.quick:
+        (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+        (ROOT / "bench" / "results" / "step.md").write_text(md)
+        B.write_section("step", md, ROOT / "BENCHMARKS.md")
 
 
 if __name__ == "__main__":

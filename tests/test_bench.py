@@ -1,0 +1,28 @@
+"""``attndenoise bench`` runs in quick mode and prints ratios to stock for the chosen method."""
+
+import re
+import time
+
+from typer.testing import CliRunner
+
+from attndenoise.cli import app
+
+
+def test_bench_quick_prints_ratios() -> None:
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, ["bench", "daa", "--quick"], env={"COLUMNS": "240"})
+    elapsed = time.perf_counter() - t0
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "daa" in line]
+    assert rows, result.output
+    ratios = [float(x) for x in re.findall(r"\b\d+\.\d\d\b", rows[0])]
+    assert len(ratios) == 4, rows[0]  # step x stock, x stock x2, peak memory x stock, decode x stock
+    assert all(0 < r < 50 for r in ratios), rows[0]
+    assert "stock:" in result.output and "ms/step" in result.output
+    assert elapsed < 120, f"quick mode took {elapsed:.0f} s"
+
+
+def test_bench_rejects_unknown_and_inference_only_methods() -> None:
+    for name in ("no-such-method", "sra"):
+        result = CliRunner().invoke(app, ["bench", name, "--quick", "--no-memory", "--no-decode"])
+        assert result.exit_code != 0
