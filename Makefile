@@ -1,9 +1,10 @@
-# One entry point for a fresh machine: `make test` builds .venv, installs attndenoise with the CPU torch wheel, runs the suite.
+# Entry points for a fresh machine: `make demo` / `make test` build .venv, install attndenoise with the CPU torch wheel,
+# then run the demo / the test suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench clean
+.PHONY: install demo test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,6 +16,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/attndenoise demo
 
 test: install
 	$(BIN)/python -m pytest -n 2 tests

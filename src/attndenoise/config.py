@@ -46,6 +46,8 @@ class MethodConfig:
     summary: ClassVar[str] = ""
     #: whether the method has parameters to train (SRA does not)
     trainable: ClassVar[bool] = True
+    #: whether ``anneal_steps`` / ``lambda_*`` drive the method (OpAmp and SRA have no lambda schedule)
+    uses_lambda_schedule: ClassVar[bool] = True
 
     layers: LayerSpec = "all"
     anneal_steps: int = 1000

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,7 @@ class OpAmpConfig(MethodConfig):
 
     name = "opamp"
     summary = "four bottleneck adapters on Q/K, (K + 1/2) O1 - (K - 1/2) O2 with CMRR K (SPEC 6)"
+    uses_lambda_schedule: ClassVar[bool] = False
     adapter_dim: int = 64
     adapter_scaling: float = 1.0
     adapter_dropout: float = 0.1

@@ -89,6 +89,7 @@ class SRAConfig(MethodConfig):
     name = "sra"
     summary = "inference-only Scaled ReAttention: re-weights selected attention rows at prefill (SPEC 8)"
     trainable: ClassVar[bool] = False
+    uses_lambda_schedule: ClassVar[bool] = False
 
     b: int = 100
     t: int = 200
