@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import attndenoise as ad
 from attndenoise.cli import app
 from attndenoise.data import SyntheticQA, build_noisy_example, collate, encode_for_training, load_examples
 from attndenoise.tiny import tiny_model_path
-from attndenoise.train import PROJECTIONS_FILE, TrainResult
+from attndenoise.train import PROJECTIONS_FILE, TrainConfig, TrainResult
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=64, batch_size=8, steps=20, warmup_steps=5, max_position_embeddings=512)
@@ -297,3 +298,30 @@ def test_cli_errors_are_clear(args: list[str], message: str, tmp_path: Path, mon
     assert result.exit_code == 2
     assert re.search(message, " ".join(result.output.split())), result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_short_run_warns_that_lambda_will_not_finish_its_ramp(base: Path) -> None:
+    from attndenoise.train import prepare_model
+
+    with pytest.warns(UserWarning, match="anneal_steps=1000 > steps=10"):
+        prepare_model(stock(base), TrainConfig(model=str(base), method="daa", steps=10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # OpAmp has no lambda schedule: nothing to warn about
+        prepare_model(stock(base), TrainConfig(model=str(base), method="opamp", steps=10))
+        prepare_model(stock(base), TrainConfig(model=str(base), method="daa", steps=10,
+                                               method_options={"anneal_steps": 10}))
+
+
+def test_noise_mix_draws_a_ratio_per_example() -> None:
+    from attndenoise.config import ConfigError
+    from attndenoise.data import noisy_examples
+    from attndenoise.train import TrainConfig, load_training_examples
+
+    cfg = TrainConfig(model="m", method="none", out="o", noise_mix=[0.0, 0.8], synthetic_examples=60)
+    counts = {len(e.documents) for e in load_training_examples(cfg)}  # type: ignore[union-attr]
+    assert counts == {1, 5}  # no distractor or four of them
+    assert load_training_examples(cfg) == load_training_examples(cfg)  # seeded
+    raw = SyntheticQA(seed=0).examples(4)
+    assert noisy_examples(raw, [0.8], seed=1) == noisy_examples(raw, 0.8, seed=1)  # a one-ratio mix is that ratio
+    with pytest.raises(ConfigError, match="noise_mix"):
+        TrainConfig(model="m", method="none", out="o", noise_mix=[0.8, 1.0])

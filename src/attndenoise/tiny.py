@@ -2,7 +2,7 @@
 
 Nothing can be downloaded where this runs, so the tool builds its own base model: a word-level tokenizer over the
 synthetic vocabulary and a Llama-architecture model pretrained (seeded, deterministic, a few minutes on 2 CPU cores)
-on a mix of plain documents, noisy-context QA with mostly 0-2 distractors, and passkey retrieval. It is meant to
+on a mix of plain documents, noisy-context QA with 0-1 distractors, and passkey retrieval. It is meant to
 answer well from the gold document alone and to be hurt by many similar distractors, so that denoising methods have
 room to help. The result is an ordinary checkpoint directory::
 
@@ -67,7 +67,12 @@ class TinyConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
-    steps: int = 1200
+    # Pretraining budget and QA noise (measured on 200 validation questions, greedy; see the demo tuning notes in the
+    # commit message): 1200 steps with distractor_weights (0.3, 0.3, 0.25, 0.1, 0.05) left the model weak even without
+    # noise (EM 0.38 at noise 0); 2400 steps reached 0.71 but took ~880 s to build. 1600 steps with QA contexts of
+    # 0-1 distractors (0.7, 0.3) answers every noise-free question (EM 1.0) and is clearly hurt by noise (0.515 / 0.2 /
+    # 0.085 at noise 0.5 / 0.8 / 0.9, about chance among the documents), and builds in ~375 s on one thread.
+    steps: int = 1600
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 60
@@ -78,7 +83,7 @@ class TinyConfig:
     questions_per_context: int = 3
     mix_qa: float = 0.7
     mix_passkey: float = 0.15
-    distractor_weights: tuple[float, ...] = (0.3, 0.3, 0.25, 0.1, 0.05)
+    distractor_weights: tuple[float, ...] = (0.7, 0.3)
     passkey_min_len: int = 16
     passkey_max_len: int = 160
     max_plain_documents: int = 6

@@ -34,6 +34,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,8 @@ class TrainConfig:
         method_options: fields of the method's config (``anneal_steps``, ``layers``, ...).
         noise: noise ratio of the training contexts (distractors from the example's own list, then from other
             examples); ``None`` keeps file examples as they are and means 0.8 for the synthetic data.
+        noise_mix: a noise mix instead of one ratio: each training example gets a ratio drawn uniformly (seeded)
+            from this list, e.g. ``[0.5, 0.8, 0.9]``. Overrides ``noise``.
         steps: optimiser steps. batch_size: examples per device per micro-batch. grad_accum: micro-batches per step.
         max_length: tokens per example; longer ones lose distractors first, and are skipped when even the gold
             documents do not fit.
@@ -115,6 +118,7 @@ class TrainConfig:
     out: str = "run"
     method_options: dict[str, Any] = field(default_factory=dict)
     noise: float | None = None
+    noise_mix: list[float] | None = None
     steps: int = 100
     learning_rate: float = 1e-3
     batch_size: int = 4
@@ -191,6 +195,12 @@ class TrainConfig:
             raise ConfigError("lora_dropout must be in [0, 1) and weight_decay >= 0")
         if self.noise is not None and (isinstance(self.noise, bool) or not 0.0 <= self.noise < 1.0):
             raise ConfigError(f"noise={self.noise!r}: must be a ratio in [0, 1) (0.8 = four distractors per gold)")
+        if self.noise_mix is not None:
+            if isinstance(self.noise_mix, str | bytes) or not list(self.noise_mix):
+                raise ConfigError(f"noise_mix={self.noise_mix!r}: give a non-empty list of ratios in [0, 1)")
+            for r in self.noise_mix:
+                if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r < 1.0:
+                    raise ConfigError(f"noise_mix={self.noise_mix!r}: every ratio must be in [0, 1)")
         if self.lr_scheduler not in _SCHEDULERS:
             raise ConfigError(f"lr_scheduler={self.lr_scheduler!r}; choose one of {', '.join(_SCHEDULERS)}")
         if self.dtype not in _DTYPES:
@@ -248,7 +258,7 @@ def load_training_examples(config: TrainConfig) -> list[Example]:
     """The raw examples of ``config.data`` with the noise ratio applied (no tokenizer needed yet)."""
     if config.data == SYNTHETIC:
         examples: list[Example] = list(SyntheticQA(config.seed, split="train").examples(config.synthetic_examples))
-        noise: float | None = SYNTHETIC_DEFAULT_NOISE if config.noise is None else config.noise
+        noise: float | list[float] | None = SYNTHETIC_DEFAULT_NOISE if config.noise is None else config.noise
     else:
         path = Path(config.data)
         if not path.exists():
@@ -256,6 +266,8 @@ def load_training_examples(config: TrainConfig) -> list[Example]:
                                     f"datasets folder, or '{SYNTHETIC}')")
         examples = load_examples(path)
         noise = config.noise
+    if config.noise_mix is not None:
+        noise = [float(r) for r in config.noise_mix]
     if not examples:
         raise TrainError(f"{config.data}: no training examples")
     if noise is None:
@@ -355,6 +367,14 @@ def prepare_model(model: nn.Module, config: TrainConfig, lora_config: Any = None
     if kind in ("method", "method+lora"):
         cfg = config.method_config()
         assert cfg is not None
+        if cfg.uses_lambda_schedule and cfg.anneal_steps > config.steps:
+            # The schedule is counted in optimiser steps: a run shorter than T ends with lambda still ramping up
+            # (the library default T = 1000 suits long runs, not a 100-step try).
+            warnings.warn(
+                f"anneal_steps={cfg.anneal_steps} > steps={config.steps}: the lambda schedule will reach "
+                f"{config.steps / cfg.anneal_steps:.0%} of its ramp; pass --set anneal_steps=N (N <= steps)",
+                stacklevel=2,
+            )
         apply(model, cfg)
     if kind == "method":
         return model, model

@@ -202,18 +202,28 @@ def _sample_pool(pool: Sequence[str], rng: random.Random) -> Iterator[str]:
 
 def noisy_examples(
     examples: Iterable[NoisyExample],
-    noise_ratio: float,
+    noise_ratio: float | Sequence[float],
     *,
     seed: int,
     use_pool: bool = True,
 ) -> list[NoisyExample]:
     """``build_noisy_example`` over a data set; the pool (when ``use_pool``) is every other example's documents.
 
-    One generator seeded with ``seed`` is shared across the examples, so the whole list is reproducible.
+    ``noise_ratio`` is one ratio for every example, or a sequence of ratios (a noise mix): each example then gets a
+    ratio drawn uniformly from it. One generator seeded with ``seed`` is shared across the examples (and the draws),
+    so the whole list is reproducible.
     """
     items = list(examples)
     rng = random.Random(seed)
     pool = [doc for ex in items for doc in ex.documents] if use_pool else None
-    # An example's own documents in the pool are skipped by build_noisy_example (its gold never comes back as a
-    # "distractor"; its own distractors were already considered first).
-    return [build_noisy_example(ex, noise_ratio, rng=rng, distractor_pool=pool) for ex in items]
+    mix = [float(noise_ratio)] if isinstance(noise_ratio, int | float) else [float(r) for r in noise_ratio]
+    if not mix:
+        raise ValueError("a noise mix needs at least one ratio")
+    out = []
+    for ex in items:
+        # A single ratio draws nothing, so the lists built before noise mixes existed are unchanged.
+        ratio = mix[0] if len(mix) == 1 else rng.choice(mix)
+        # An example's own documents in the pool are skipped by build_noisy_example (its gold never comes back as a
+        # "distractor"; its own distractors were already considered first).
+        out.append(build_noisy_example(ex, ratio, rng=rng, distractor_pool=pool))
+    return out
