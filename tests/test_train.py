@@ -325,3 +325,30 @@ def test_noise_mix_draws_a_ratio_per_example() -> None:
     assert noisy_examples(raw, [0.8], seed=1) == noisy_examples(raw, 0.8, seed=1)  # a one-ratio mix is that ratio
     with pytest.raises(ConfigError, match="noise_mix"):
         TrainConfig(model="m", method="none", out="o", noise_mix=[0.8, 1.0])
+
+
+def test_dex_entropy_head_selection_calibrates_on_training_examples(base: Path, data_file: Path,
+                                                                     tmp_path: Path) -> None:
+    from attndenoise.data import collate, encode_examples
+    from attndenoise.train import load_training_examples
+
+    kw = common(base, data_file, tmp_path / "dex", steps=2, method="dex",
+                method_options={"head_selection": "entropy", "head_fraction": 0.5, "anneal_steps": 2})
+    res = ad.train(**kw)
+    heads = res.run["method_config"]["heads"]
+    # Independent reference: entropies of transformers' own eager maps on the first 8 training examples.
+    tok = AutoTokenizer.from_pretrained(base)
+    feats = [e.features() for e in encode_examples(load_training_examples(TrainConfig(**kw)), tok, 256).encoded[:8]]
+    batch = collate(feats, tok.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
+    with torch.no_grad():
+        maps = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     output_attentions=True).attentions
+    valid = batch["attention_mask"].bool()
+    for layer, a in enumerate(maps):
+        ent = -(a * a.clamp_min(1e-12).log()).sum(-1)  # (B, H, N)
+        per_head = ent.permute(1, 0, 2)[:, valid].mean(-1)
+        keep = per_head.topk(max(1, -(-per_head.numel() // 2))).indices.sort().values.tolist()
+        assert heads[str(layer)] == keep
+    again = ad.load_trained(stock(base), res.out_dir)  # the resolved heads travel with the adapter
+    assert ad.method_modules(again)[0].config.heads == heads

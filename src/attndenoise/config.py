@@ -79,6 +79,12 @@ class MethodConfig:
         _choice("lambda_schedule", self.lambda_schedule, _SCHEDULES)
         _choice("lambda_granularity", self.lambda_granularity, _GRANULARITIES)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether :func:`attndenoise.apply` needs ``calibration_inputs`` (sample data) to resolve an option
+        (DEX's entropy head selection does); training passes a few training examples then."""
+        return False
+
     # -- layer selection ----------------------------------------------------------------------------------------
     def select_layers(self, num_layers: int) -> list[int]:
         """Resolve :attr:`layers` against a model with ``num_layers`` attention layers."""

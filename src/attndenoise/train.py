@@ -351,8 +351,13 @@ def _load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def prepare_model(model: nn.Module, config: TrainConfig, lora_config: Any = None) -> tuple[nn.Module, nn.Module]:
+def prepare_model(
+    model: nn.Module, config: TrainConfig, lora_config: Any = None, calibration_inputs: Any = None
+) -> tuple[nn.Module, nn.Module]:
     """Make exactly the parameters of ``config.kind`` trainable.
+
+    ``calibration_inputs`` (a batch dict) is passed to :func:`attndenoise.apply` for methods whose options need
+    sample data (``MethodConfig.needs_calibration``, e.g. DEX's entropy head selection).
 
     Returns ``(train_model, base)``: what the Trainer trains (a ``PeftModel`` for the LoRA kinds) and the transformers
     model inside it (the one carrying the method, if any).
@@ -375,7 +380,13 @@ def prepare_model(model: nn.Module, config: TrainConfig, lora_config: Any = None
                 f"{config.steps / cfg.anneal_steps:.0%} of its ramp; pass --set anneal_steps=N (N <= steps)",
                 stacklevel=2,
             )
-        apply(model, cfg)
+        if cfg.needs_calibration:
+            if calibration_inputs is None:
+                raise ConfigError(f"method '{cfg.name}' with these options needs calibration data; pass "
+                                  "calibration_inputs (train() uses its first training examples)")
+            apply(model, cfg, calibration_inputs=calibration_inputs)
+        else:
+            apply(model, cfg)
     if kind == "method":
         return model, model
     from peft import get_peft_model
@@ -519,7 +530,10 @@ def train(
         raise TrainError("the tokenizer has neither a pad nor an EOS token to pad batches with")
 
     lora_config = _lora_config(config, model) if config.kind in ("lora", "method+lora") else None
-    train_model, base = prepare_model(model, config, lora_config)
+    # A few training examples for options resolved from data (e.g. DEX's entropy head selection); the batch is
+    # padded, and the mask keeps padding out of the statistics.
+    calib = {k: v for k, v in collate(features[:8], pad_id).items() if k != "labels"}
+    train_model, base = prepare_model(model, config, lora_config, calibration_inputs=calib)
     signature = base_signature(base)
     cuda = torch.cuda.is_available()
     args = TrainingArguments(

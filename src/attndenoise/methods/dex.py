@@ -60,6 +60,10 @@ class DEXConfig(MethodConfig):
                 raise ConfigError("heads: must map layer indices to lists of head indices")
             self.heads = {str(k): sorted(int(h) for h in v) for k, v in self.heads.items()}
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.head_selection == "entropy" and self.heads is None
+
 
 class DEX(MethodModule):
     """Per-head output extension ``O_i (I - lambda W_i)``."""
