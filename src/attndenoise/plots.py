@@ -8,6 +8,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -27,6 +28,17 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     fig.savefig(p, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return p
+
+
+def _style(k: int) -> tuple[Any, str]:
+    """A distinct colour and marker for line ``k``: the demo draws up to ~13 lines, more than matplotlib's default
+    cycle of 10 colours, so colours come from tab20 and markers cycle too."""
+    return plt.get_cmap("tab20")(k % 20), "osD^v<>ph*"[k % 10]
+
+
+def _legend_outside(ax: Any) -> None:
+    """Legend to the right of the axes, so that it never hides a line."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -56,19 +68,20 @@ def plot_accuracy(results: Sequence[EvalResults], path: str | Path, *, metric: s
     table = accuracy_by_noise(results, metric)
     if not table:
         raise ValueError("no noisy-QA results at explicit noise ratios to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, by_ratio in table.items():
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k, (label, by_ratio) in enumerate(table.items()):
         ratios = sorted(by_ratio)
         stats = [_mean_std(by_ratio[r]) for r in ratios]
         several = any(len(by_ratio[r]) > 1 for r in ratios)
+        color, marker = _style(k)
         ax.errorbar(ratios, [s[0] for s in stats], yerr=[s[1] for s in stats] if several else None,
-                    marker="o", capsize=3, label=label)
+                    marker=marker, color=color, capsize=3, label=label)
     ax.set_xlabel("noise ratio (share of distractor documents)")
     ax.set_ylabel(METRIC_LABELS[metric])
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or f"Noisy-context QA: {METRIC_LABELS[metric]}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -102,9 +115,9 @@ def plot_attention_to_gold(measures: Mapping[str, AttentionMeasures], path: str 
     """Attention to gold (solid) and attention noise (dashed) per layer, one colour per model/method (SPEC 9)."""
     if not measures:
         raise ValueError("no attention measures to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for k, (label, m) in enumerate(measures.items()):
-        color = f"C{k % 10}"
+        color, _ = _style(k)
         ax.plot(m.layers, m.gold, marker="o", color=color, label=f"{label}: gold")
         ax.plot(m.layers, m.noise, marker="x", linestyle="--", color=color, label=f"{label}: noise")
     ax.axhline(0.0, color="grey", linewidth=0.8)
@@ -112,7 +125,7 @@ def plot_attention_to_gold(measures: Mapping[str, AttentionMeasures], path: str 
     ax.set_ylabel("attention mass (mean over heads)")
     ax.set_title(title or "Attention to gold vs noise per layer")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
