@@ -64,3 +64,14 @@ def test_demo_config_errors_name_the_accepted_values(tmp_path: Path) -> None:
         _config(tmp_path, seeds=0)
     result = CliRunner().invoke(app, ["demo", "--methods", "nope", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "trainable" in result.output
+
+
+def test_demo_learning_rate_overrides_apply_per_row_and_are_checked(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, learning_rate=2e-3, learning_rates={"daa": 5e-4})
+    assert cfg.learning_rate_for("daa") == 5e-4
+    assert cfg.learning_rate_for("none") == 2e-3
+    assert _config(tmp_path).learning_rate_for("opamp") == 2e-4  # the default override, even when opamp is not run
+    with pytest.raises(ValueError, match="unknown row"):
+        _config(tmp_path, learning_rates={"nope": 1e-4})
+    with pytest.raises(ValueError, match="positive"):
+        _config(tmp_path, learning_rates={"daa": 0.0})
