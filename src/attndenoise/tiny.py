@@ -1,8 +1,8 @@
 """The embedded tiny model: a small Llama pretrained on the synthetic tasks, built once and cached on disk.
 
 Nothing can be downloaded where this runs, so the tool builds its own base model: a word-level tokenizer over the
-synthetic vocabulary and a Llama-architecture model pretrained (seeded, deterministic, a few minutes on 2 CPU cores)
-on a mix of plain documents, noisy-context QA with 0-1 distractors, and passkey retrieval. It is meant to
+synthetic vocabulary and a Llama-architecture model pretrained (seeded, deterministic, about 6 minutes on one CPU
+thread) on a mix of plain documents, noisy-context QA with 0-1 distractors, and passkey retrieval. It is meant to
 answer well from the gold document alone and to be hurt by many similar distractors, so that denoising methods have
 room to help. The result is an ordinary checkpoint directory::
 
