@@ -1,8 +1,9 @@
 """attndenoise: make pretrained language models attend to the relevant part of a noisy context.
 
 Public API (see README.md): ``METHODS``, ``config_for``, ``apply``, ``remove``, ``merge``, ``save``, ``load``,
-``step``, ``LambdaCallback``, ``reference_mode``,
-``train``, ``TrainConfig``, ``load_trained``.
+``step``, ``LambdaCallback``, ``reference_mode``, ``train``, ``TrainConfig``, ``load_trained``,
+``evaluate_model`` (and the per-task ``evaluate_*``), ``dataset_attention`` (SPEC 9 measures); the command line is
+:mod:`attndenoise.cli`, the demo :mod:`attndenoise.demo`.
 """
 
 from . import methods as _methods  # noqa: F401  (registers every method)
