@@ -108,8 +108,9 @@ def test_linear_schedule_and_depth_init() -> None:
 @given(
     b=st.integers(1, 3), n=st.integers(1, 17), hkv=st.sampled_from([1, 2, 4]), g=st.sampled_from([1, 2, 3]),
     d=st.sampled_from([4, 8, 16]), shared=st.booleans(), pad=st.integers(0, 3), seed=st.integers(0, 10_000),
+    one_call=st.booleans(),
 )
-def test_two_maps_fused_equals_explicit(b, n, hkv, g, d, shared, pad, seed) -> None:  # type: ignore[no-untyped-def]
+def test_two_maps_fused_equals_explicit(b, n, hkv, g, d, shared, pad, seed, one_call) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(seed)
     h = hkv * g
     q1, q2 = torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen)
@@ -121,7 +122,13 @@ def test_two_maps_fused_equals_explicit(b, n, hkv, g, d, shared, pad, seed) -> N
         valid = torch.ones(b, n, dtype=torch.bool)
         valid[0, : min(pad, n - 1)] = False
         mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
-    out, _ = core.two_maps(q1, k1, q2, k2, v, 1.0, c2, mask=mask, scaling=d**-0.5)
+    # Shared keys run as one call with 2h query heads or as one call per query set (core.ONE_CALL_DEVICES): both.
+    saved = core.ONE_CALL_DEVICES
+    core.ONE_CALL_DEVICES = frozenset({"cpu"}) if one_call else frozenset()
+    try:
+        out, _ = core.two_maps(q1, k1, q2, k2, v, 1.0, c2, mask=mask, scaling=d**-0.5)
+    finally:
+        core.ONE_CALL_DEVICES = saved
     want = apply_map(explicit_map(q1, k1, mask, d**-0.5), v) + c2.double().view(1, -1, 1, 1) * apply_map(
         explicit_map(q2, k2, mask, d**-0.5), v
     )

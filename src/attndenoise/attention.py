@@ -77,6 +77,14 @@ def sdpa(
     return out
 
 
+#: devices on which :func:`sdpa_shared_kv` issues ONE call with ``m*h`` query heads by default. On CPU (torch 2.13,
+#: tiny Llama, 1 thread, measured 2026-11-26) separate calls were both faster and lighter: a DAA training step at
+#: 4096 tokens took 3.63 s with two calls vs 3.95 s with one (stock 2.29 s) and peaked at 489 vs 584 MiB above the
+#: step's start (stock 378 MiB); decoding was equal or slightly faster (1.44 vs 1.44 x stock at 2048 tokens of
+#: context, 1.52 vs 1.58 x at 512). On CUDA one larger launch is the SPEC's suggestion; it has not been measured here.
+ONE_CALL_DEVICES: frozenset[str] = frozenset({"cuda"})
+
+
 def sdpa_shared_kv(
     queries: Sequence[torch.Tensor],
     k: torch.Tensor,
@@ -86,12 +94,19 @@ def sdpa_shared_kv(
     scaling: float | None,
     dropout: float = 0.0,
     causal: bool = True,
+    one_call: bool | None = None,
 ) -> list[torch.Tensor]:
-    """Several query sets against the same K/V in ONE fused call (SPEC 0: "one call with 2h query heads").
+    """Several query sets against the same K/V: ``[softmax(s Q_j K^T) V for Q_j in queries]``, fused (SPEC 0).
 
-    The query sets are interleaved per key/value group so that GQA still maps every query head to its own kv head
-    without repeating K/V: (B, Hkv, m, g, N, D) -> (B, m*H, N, D).
+    ``one_call=True`` issues ONE fused call with ``m*h`` query heads ("one call with 2h query heads"): the query sets
+    are interleaved per key/value group so that GQA still maps every query head to its own kv head without
+    repeating K/V: (B, Hkv, m, g, N, D) -> (B, m*H, N, D). ``one_call=False`` issues one fused call per query set.
+    ``None`` picks by device (:data:`ONE_CALL_DEVICES`). Both compute the same values.
     """
+    if one_call is None:
+        one_call = queries[0].device.type in ONE_CALL_DEVICES
+    if not one_call:
+        return [sdpa(q, k, v, mask=mask, scaling=scaling, dropout=dropout, causal=causal) for q in queries]
     m = len(queries)
     b, h, n, d = queries[0].shape
     hkv = k.shape[1]
