@@ -11,6 +11,14 @@ import json
 
 import pytest
 import torch
+from matrix import (
+    check_generate_cache_equals_no_cache,
+    check_gradients_reach_only_method_parameters,
+    check_left_padding,
+    check_remove_restores_stock,
+    check_save_load_round_trip,
+    randomize,
+)
 from models import FAMILIES, VOCAB, inputs, tiny
 from reference import (
     apply_map,
@@ -41,18 +49,6 @@ ATOL = 2e-5
 def make(variant: str, **extra):  # type: ignore[no-untyped-def]
     name, opts = VARIANTS[variant]
     return ad.config_for(name, **{**opts, **extra})
-
-
-def randomize(model: torch.nn.Module, seed: int = 5) -> None:
-    """Non-trivial method parameters and lambda != 0 (anneal_steps=0 makes lambda = lambda_learn)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in ad.method_modules(model).values():
-            for name, p in m.named_parameters():
-                if name.endswith("lambda_learn"):
-                    p.copy_(0.2 + 0.6 * torch.rand(p.shape, generator=g))
-                else:
-                    p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
 def patched(family: str, variant: str, random: bool = True, **extra):  # type: ignore[no-untyped-def]
@@ -160,47 +156,12 @@ def test_causality(family: str, variant: str) -> None:
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_generate_cache_equals_no_cache(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    x = inputs(batch=1, length=8)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        with_cache = model.generate(x, use_cache=True, **kw)
-        without = model.generate(x, use_cache=False, **kw)
-        assert torch.equal(with_cache, without)
-        # logits of incremental decoding (prefill 8 + one token at a time) == one full forward
-        full = model(with_cache).logits
-        out = model(with_cache[:, :8], use_cache=True)
-        steps = [out.logits]
-        cache = out.past_key_values
-        for t in range(8, with_cache.shape[1]):
-            out = model(with_cache[:, t : t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
-            cache = out.past_key_values
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
-
-
-def _left_pad(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = torch.cat([torch.zeros(x.shape[0], n, dtype=x.dtype), x], 1)
-    mask = torch.cat([torch.zeros(x.shape[0], n, dtype=torch.long), torch.ones_like(x)], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos
+    check_generate_cache_equals_no_cache(patched(family, variant))
 
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_left_padding(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    long, short = inputs(batch=1, length=12, seed=3), inputs(batch=1, length=8, seed=4)
-    ids_s, mask_s, pos_s = _left_pad(short, 4)
-    batch = torch.cat([long, ids_s])
-    mask = torch.cat([torch.ones_like(long), mask_s])
-    pos = torch.cat([torch.arange(12)[None], pos_s])
-    with torch.no_grad():
-        out = model(batch, attention_mask=mask, position_ids=pos).logits
-        alone = model(short).logits
-        alone_long = model(long).logits
-    assert not torch.isnan(out).any()
-    torch.testing.assert_close(out[1, 4:], alone[0], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(out[0], alone_long[0], atol=2e-5, rtol=1e-4)
+    check_left_padding(patched(family, variant))
 
 
 # -- training, saving, merging, removing -------------------------------------------------------------------------
@@ -208,50 +169,20 @@ def test_left_padding(family: str, variant: str) -> None:
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_gradients_reach_only_method_parameters(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    model.train()
-    x = inputs()
-    model(x, labels=x).loss.backward()
-    method_params = {id(p) for m in ad.method_modules(model).values() for p in m.parameters()}
-    for name, p in model.named_parameters():
-        if id(p) in method_params:
-            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert not p.requires_grad and p.grad is None, name
+    check_gradients_reach_only_method_parameters(patched(family, variant))
 
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_save_load_round_trip(family: str, variant: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = patched(family, variant)
     ad.step(model, 7)
-    x = inputs()
-    with torch.no_grad():
-        want = model(x).logits
-    ad.save(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    fresh = ad.load(tiny(family), tmp_path)
-    with torch.no_grad():
-        got = fresh(x).logits
-    assert torch.equal(got, want)
+    fresh = check_save_load_round_trip(model, family, tmp_path)
     assert all(int(m.lam.step) == 7 for m in ad.method_modules(fresh).values())
 
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_remove_restores_stock(family: str, variant: str) -> None:
-    model = tiny(family)
-    x = inputs()
-    with torch.no_grad():
-        ref = model(x).logits
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    ad.apply(model, make(variant, anneal_steps=0))
-    randomize(model)
-    with torch.no_grad():
-        assert (model(x).logits - ref).abs().max() > 1e-4  # the method does something
-    ad.remove(model)
-    with torch.no_grad():
-        assert torch.equal(model(x).logits, ref)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    assert not any("attndenoise" in n for n, _ in model.named_parameters())
+    check_remove_restores_stock(family, make(variant, anneal_steps=0))
 
 
 MERGEABLE = ["diffv", "dex", "dex_shared"]

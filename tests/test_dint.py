@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from matrix import (
+    check_gradients_reach_only_method_parameters,
+    check_left_padding,
+    check_remove_restores_stock,
+    check_save_load_round_trip,
+    incremental_logits,
+    left_pad,
+    randomize,
+)
 from models import FAMILIES, inputs, tiny
 from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out, rope
 from safetensors.torch import load_file, save_file
-from test_diff import incremental_logits, lambda_of, left_pad, randomize, with_qk
+from test_diff import lambda_of, with_qk
 from transformers import DynamicCache
 
 import attndenoise as ad
@@ -182,19 +191,7 @@ def test_generate_cache_equals_no_cache(family: str, variant: str) -> None:
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_left_padding(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    long, short = inputs(batch=1, length=12, seed=3), inputs(batch=1, length=8, seed=4)
-    ids_s, mask_s, pos_s = left_pad(short, 4)
-    batch = torch.cat([long, ids_s])
-    mask = torch.cat([torch.ones_like(long), mask_s])
-    pos = torch.cat([torch.arange(12)[None], pos_s])
-    with torch.no_grad():
-        out = model(batch, attention_mask=mask, position_ids=pos).logits
-        alone = model(short).logits
-        alone_long = model(long).logits
-    assert not torch.isnan(out).any()
-    torch.testing.assert_close(out[1, 4:], alone[0], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(out[0], alone_long[0], atol=2e-5, rtol=1e-4)
+    check_left_padding(patched(family, variant))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -279,17 +276,7 @@ def test_noncausal_form_refuses_token_by_token_decoding() -> None:
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_gradients_reach_only_method_parameters(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    model.train()
-    x = inputs()
-    model(x, labels=x, use_cache=False).loss.backward()
-    method_params = {id(p) for m in ad.method_modules(model).values() for p in m.parameters()}
-    assert method_params
-    for name, p in model.named_parameters():
-        if id(p) in method_params:
-            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert not p.requires_grad and p.grad is None, name
+    check_gradients_reach_only_method_parameters(patched(family, variant), use_cache=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
@@ -310,33 +297,13 @@ def test_training_forward_with_a_cache_has_the_same_gradients(family: str) -> No
 def test_save_load_round_trip(family: str, variant: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = patched(family, variant)
     ad.step(model, 7)
-    x = inputs()
-    with torch.no_grad():
-        want = model(x).logits
-    ad.save(model, tmp_path)
-    fresh = ad.load(tiny(family), tmp_path)
-    with torch.no_grad():
-        got = fresh(x).logits
-    assert torch.equal(got, want)
+    fresh = check_save_load_round_trip(model, family, tmp_path)
     assert all(int(m.lam.step) == 7 for m in ad.method_modules(fresh).values())
 
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_remove_restores_stock(family: str, variant: str) -> None:
-    model = tiny(family)
-    x = inputs()
-    with torch.no_grad():
-        ref = model(x).logits
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    ad.apply(model, make(variant, anneal_steps=0))
-    randomize(model)
-    with torch.no_grad():
-        assert (model(x).logits - ref).abs().max() > 1e-4
-    ad.remove(model)
-    with torch.no_grad():
-        assert torch.equal(model(x).logits, ref)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    assert not any("attndenoise" in n for n, _ in model.named_parameters())
+    check_remove_restores_stock(family, make(variant, anneal_steps=0))
 
 
 # -- configs and adapter files that do not fit ---------------------------------------------------------------------

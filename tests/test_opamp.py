@@ -17,6 +17,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from matrix import (
+    check_generate_cache_equals_no_cache,
+    check_gradients_reach_only_method_parameters,
+    check_left_padding,
+    check_remove_restores_stock,
+    check_save_load_round_trip,
+)
 from models import FAMILIES, VOCAB, inputs, tiny
 from reference import apply_map, capture, explicit_map, heads_last, patched_out
 from safetensors.torch import load_file, save_file
@@ -178,21 +185,7 @@ def test_causality(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_generate_cache_equals_no_cache(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    x = inputs(batch=1, length=8)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        with_cache = model.generate(x, use_cache=True, **kw)
-        without = model.generate(x, use_cache=False, **kw)
-        assert torch.equal(with_cache, without)
-        full = model(with_cache).logits
-        out = model(with_cache[:, :8], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(8, with_cache.shape[1]):
-            out = model(with_cache[:, t : t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
-            cache = out.past_key_values
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
+    check_generate_cache_equals_no_cache(patched(family, variant))
 
 
 @pytest.mark.parametrize(
@@ -218,29 +211,10 @@ def test_cached_and_rerunning_variants_agree() -> None:
         assert torch.equal(a.generate(x, **kw), b.generate(x, **kw))
 
 
-def _left_pad(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = torch.cat([torch.zeros(x.shape[0], n, dtype=x.dtype), x], 1)
-    mask = torch.cat([torch.zeros(x.shape[0], n, dtype=torch.long), torch.ones_like(x)], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("variant", ["opamp", "opamp_repeated"])
 def test_left_padding(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    long, short = inputs(batch=1, length=12, seed=3), inputs(batch=1, length=8, seed=4)
-    ids_s, mask_s, pos_s = _left_pad(short, 4)
-    batch = torch.cat([long, ids_s])
-    mask = torch.cat([torch.ones_like(long), mask_s])
-    pos = torch.cat([torch.arange(12)[None], pos_s])
-    with torch.no_grad():
-        out = model(batch, attention_mask=mask, position_ids=pos).logits
-        alone = model(short).logits
-        alone_long = model(long).logits
-    assert not torch.isnan(out).any()
-    torch.testing.assert_close(out[1, 4:], alone[0], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(out[0], alone_long[0], atol=2e-5, rtol=1e-4)
+    check_left_padding(patched(family, variant))
 
 
 # -- training, saving, removing -----------------------------------------------------------------------------------
@@ -249,16 +223,8 @@ def test_left_padding(family: str, variant: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_reach_only_adapters(family: str) -> None:
     model = patched(family)
-    model.train()
-    x = inputs()
-    model(x, labels=x).loss.backward()
-    method_params = {id(p) for m in ad.method_modules(model).values() for p in m.parameters()}
+    method_params = check_gradients_reach_only_method_parameters(model)
     assert len(method_params) == 8 * len(ad.method_modules(model))  # W1, W2 of four adapters per layer
-    for name, p in model.named_parameters():
-        if id(p) in method_params:
-            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert not p.requires_grad and p.grad is None, name
 
 
 def test_gradients_at_init_reach_w2() -> None:
@@ -289,36 +255,15 @@ def test_adapter_dropout_acts_in_training_only() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = patched(family, layers="every:2", adapter_dim=8, cmrr=4.0)
-    x = inputs()
-    with torch.no_grad():
-        want = model(x).logits
-    ad.save(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = check_save_load_round_trip(model, family, tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["config"]["method"] == "opamp" and meta["config"]["cmrr"] == 4.0
-    fresh = ad.load(tiny(family), tmp_path)
-    with torch.no_grad():
-        got = fresh(x).logits
-    assert torch.equal(got, want)
     assert list(ad.method_modules(fresh)) == [0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remove_restores_stock(family: str) -> None:
-    model = tiny(family)
-    x = inputs()
-    with torch.no_grad():
-        ref = model(x).logits
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    ad.apply(model, make())
-    randomize(model)
-    with torch.no_grad():
-        assert (model(x).logits - ref).abs().max() > 1e-4  # the method does something
-    ad.remove(model)
-    with torch.no_grad():
-        assert torch.equal(model(x).logits, ref)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    assert not any("attndenoise" in n for n, _ in model.named_parameters())
+    check_remove_restores_stock(family, make(), randomize)
 
 
 def test_merge_is_refused() -> None:

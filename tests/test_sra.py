@@ -18,6 +18,7 @@ from unittest import mock
 import models
 import pytest
 import torch
+from matrix import left_pad
 from models import FAMILIES, inputs
 from reference import apply_map, explicit_map
 from safetensors.torch import load_file
@@ -141,12 +142,6 @@ def reference_run(model: torch.nn.Module, x: torch.Tensor, **fwd: Any) -> Any:
             return model(x, **fwd)
     finally:
         model.set_attn_implementation(original)
-
-
-def left_pad(x: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = torch.cat([torch.zeros(x.shape[0], pad, dtype=x.dtype), x], 1)
-    mask = torch.cat([torch.zeros(x.shape[0], pad, dtype=torch.long), torch.ones_like(x)], 1)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 # -- configuration --------------------------------------------------------------------------------------------
