@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from models import inputs, tiny
+from safetensors.torch import load_file, save_file
 
 import attndenoise as ad
 
@@ -132,3 +133,11 @@ def check_remove_restores_stock(family: str, config: ad.MethodConfig,
         assert torch.equal(model(x).logits, ref)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert not any("attndenoise" in n for n, _ in model.named_parameters())
+
+
+def rewrite_adapter(path: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    """Apply ``edit`` to the tensors of the adapter saved in ``path`` (to build mismatched adapters)."""
+    f = path / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f))

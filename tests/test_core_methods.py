@@ -18,6 +18,7 @@ from matrix import (
     check_remove_restores_stock,
     check_save_load_round_trip,
     randomize,
+    rewrite_adapter,
 )
 from models import FAMILIES, VOCAB, inputs, tiny
 from reference import (
@@ -29,7 +30,6 @@ from reference import (
     rope,
     set_projection,
 )
-from safetensors.torch import load_file, save_file
 
 import attndenoise as ad
 
@@ -218,16 +218,9 @@ def _saved(tmp_path, family="llama", variant="daa"):  # type: ignore[no-untyped-
     return tmp_path
 
 
-def _rewrite(path, fn):  # type: ignore[no-untyped-def]
-    f = path / "adapter_model.safetensors"
-    t = load_file(str(f))
-    fn(t)
-    save_file(t, str(f))
-
-
 def test_load_rejects_mis_shaped_tensor(tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = _saved(tmp_path)
-    _rewrite(d, lambda t: t.__setitem__("layers.1.weight", torch.zeros(4, 8, 9)))
+    rewrite_adapter(d, lambda t: t.__setitem__("layers.1.weight", torch.zeros(4, 8, 9)))
     model = tiny("llama")
     with pytest.raises(ad.AdapterLoadError, match=r"layers\.1\.weight has shape \(4, 8, 9\)"):
         ad.load(model, d)
@@ -236,11 +229,11 @@ def test_load_rejects_mis_shaped_tensor(tmp_path) -> None:  # type: ignore[no-un
 
 def test_load_rejects_missing_and_extra_tensors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = _saved(tmp_path)
-    _rewrite(d, lambda t: t.pop("layers.0.lam.lambda_learn"))
+    rewrite_adapter(d, lambda t: t.pop("layers.0.lam.lambda_learn"))
     with pytest.raises(ad.AdapterLoadError, match=r"missing tensor\(s\) layers\.0\.lam\.lambda_learn"):
         ad.load(tiny("llama"), d)
     d2 = _saved(tmp_path / "b")
-    _rewrite(d2, lambda t: t.__setitem__("layers.0.bogus", torch.zeros(1)))
+    rewrite_adapter(d2, lambda t: t.__setitem__("layers.0.bogus", torch.zeros(1)))
     with pytest.raises(ad.AdapterLoadError, match=r"unexpected tensor\(s\) layers\.0\.bogus"):
         ad.load(tiny("llama"), d2)
 

@@ -21,10 +21,10 @@ from matrix import (
     check_save_load_round_trip,
     left_pad,
     randomize,
+    rewrite_adapter,
 )
 from models import FAMILIES, VOCAB, inputs, tiny
 from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out
-from safetensors.torch import load_file, save_file
 
 import attndenoise as ad
 
@@ -338,22 +338,15 @@ def test_norm_eps_resolved_from_model_and_saved(tmp_path) -> None:  # type: igno
     assert make("diff_norm").norm_eps is None  # the user's config is not mutated
 
 
-def _rewrite(path, fn):  # type: ignore[no-untyped-def]
-    f = path / "adapter_model.safetensors"
-    t = load_file(str(f))
-    fn(t)
-    save_file(t, str(f))
-
-
 def test_load_rejects_mis_shaped_and_missing_tensors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     ad.save(patched("qwen2", "diff_reparam"), tmp_path / "a")
-    _rewrite(tmp_path / "a", lambda t: t.__setitem__("layers.1.proj2.k_weight", torch.zeros(16, 31)))
+    rewrite_adapter(tmp_path / "a", lambda t: t.__setitem__("layers.1.proj2.k_weight", torch.zeros(16, 31)))
     model = tiny("qwen2")
     with pytest.raises(ad.AdapterLoadError, match=r"layers\.1\.proj2\.k_weight has shape \(16, 31\)"):
         ad.load(model, tmp_path / "a")
     assert ad.patch.state_of(model) is None
     ad.save(patched("qwen2", "diff_reparam"), tmp_path / "b")
-    _rewrite(tmp_path / "b", lambda t: t.pop("layers.0.lam.lambda_k2"))
+    rewrite_adapter(tmp_path / "b", lambda t: t.pop("layers.0.lam.lambda_k2"))
     with pytest.raises(ad.AdapterLoadError, match=r"missing tensor\(s\) layers\.0\.lam\.lambda_k2"):
         ad.load(tiny("qwen2"), tmp_path / "b")
 

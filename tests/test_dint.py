@@ -19,10 +19,10 @@ from matrix import (
     incremental_logits,
     left_pad,
     randomize,
+    rewrite_adapter,
 )
 from models import FAMILIES, inputs, tiny
 from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out, rope
-from safetensors.torch import load_file, save_file
 from test_diff import lambda_of, with_qk
 from transformers import DynamicCache
 
@@ -324,22 +324,15 @@ def test_bad_values_are_explained(name: str, kw: dict, msg: str) -> None:
         ad.config_for(name, **kw)
 
 
-def _rewrite(path, fn):  # type: ignore[no-untyped-def]
-    f = path / "adapter_model.safetensors"
-    t = load_file(str(f))
-    fn(t)
-    save_file(t, str(f))
-
-
 def test_load_rejects_mismatched_adapters(tmp_path) -> None:  # type: ignore[no-untyped-def]
     ad.save(patched("llama", "lowrank"), tmp_path / "a")
-    _rewrite(tmp_path / "a", lambda t: t.__setitem__("layers.0.q_up", torch.zeros(32, 5)))
+    rewrite_adapter(tmp_path / "a", lambda t: t.__setitem__("layers.0.q_up", torch.zeros(32, 5)))
     model = tiny("llama")
     with pytest.raises(ad.AdapterLoadError, match=r"layers\.0\.q_up has shape \(32, 5\), the model expects \(32, 4\)"):
         ad.load(model, tmp_path / "a")
     assert ad.patch.state_of(model) is None
     ad.save(patched("llama", "dint"), tmp_path / "b")
-    _rewrite(tmp_path / "b", lambda t: t.pop("layers.1.proj2.k_weight"))
+    rewrite_adapter(tmp_path / "b", lambda t: t.pop("layers.1.proj2.k_weight"))
     with pytest.raises(ad.AdapterLoadError, match=r"missing tensor\(s\) layers\.1\.proj2\.k_weight"):
         ad.load(tiny("llama"), tmp_path / "b")
     ad.save(patched("llama", "dint"), tmp_path / "c")

@@ -23,6 +23,7 @@ from matrix import (
     check_left_padding,
     check_remove_restores_stock,
     check_save_load_round_trip,
+    rewrite_adapter,
 )
 from models import FAMILIES, VOCAB, inputs, tiny
 from reference import apply_map, capture, explicit_map, heads_last, patched_out
@@ -276,26 +277,19 @@ def _saved(tmp_path, **extra):  # type: ignore[no-untyped-def]
     return tmp_path
 
 
-def _rewrite(path, fn):  # type: ignore[no-untyped-def]
-    f = path / "adapter_model.safetensors"
-    t = load_file(str(f))
-    fn(t)
-    save_file(t, str(f))
-
-
 def test_load_rejects_mismatched_adapters(tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = _saved(tmp_path / "a")
-    _rewrite(d, lambda t: t.__setitem__("layers.1.k2_adapter.adapter_up.weight", torch.zeros(16, 8)))
+    rewrite_adapter(d, lambda t: t.__setitem__("layers.1.k2_adapter.adapter_up.weight", torch.zeros(16, 8)))
     model = tiny("llama")
     with pytest.raises(ad.AdapterLoadError, match=r"layers\.1\.k2_adapter\.adapter_up\.weight has shape \(16, 8\)"):
         ad.load(model, d)
     assert ad.patch.state_of(model) is None
     d = _saved(tmp_path / "b")
-    _rewrite(d, lambda t: t.pop("layers.0.q2_adapter.adapter_down.weight"))
+    rewrite_adapter(d, lambda t: t.pop("layers.0.q2_adapter.adapter_down.weight"))
     with pytest.raises(ad.AdapterLoadError, match=r"missing tensor\(s\) layers\.0\.q2_adapter\.adapter_down\.weight"):
         ad.load(tiny("llama"), d)
     d = _saved(tmp_path / "c", layers=[1])
-    _rewrite(d, lambda t: t.__setitem__("layers.0.q1_adapter.adapter_up.weight", torch.zeros(32, 64)))
+    rewrite_adapter(d, lambda t: t.__setitem__("layers.0.q1_adapter.adapter_up.weight", torch.zeros(32, 64)))
     with pytest.raises(ad.AdapterLoadError, match=r"unexpected tensor\(s\) layers\.0\.q1_adapter"):
         ad.load(tiny("llama"), d)
     d = _saved(tmp_path / "d")
