@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +124,21 @@ def _copy_strict(model: nn.Module, tensors: dict[str, torch.Tensor], source: Pat
     for i, m in method_modules(model).items():
         for k, v in m.state_dict(keep_vars=True).items():
             targets[f"layers.{i}.{k}"] = v
+    copy_tensors_strict(targets, tensors, source, "not used by this method")
+
+
+def copy_tensors_strict(
+    targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: Path, extra_reason: str
+) -> None:
+    """Copy ``tensors`` into ``targets`` (name -> parameter) only if the names match exactly and every shape fits;
+    otherwise raise :class:`AdapterLoadError` naming the missing, unexpected (``extra_reason`` says why they do not
+    belong) or mis-shaped tensor, before anything is written."""
     missing = sorted(set(targets) - set(tensors))
     extra = sorted(set(tensors) - set(targets))
     if missing:
         raise AdapterLoadError(f"{source}: missing tensor(s) {', '.join(missing)}")
     if extra:
-        raise AdapterLoadError(f"{source}: unexpected tensor(s) {', '.join(extra)} (not used by this method)")
+        raise AdapterLoadError(f"{source}: unexpected tensor(s) {', '.join(extra)} ({extra_reason})")
     for k, t in targets.items():
         if tuple(tensors[k].shape) != tuple(t.shape):
             raise AdapterLoadError(

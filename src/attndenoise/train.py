@@ -60,7 +60,7 @@ from .data import (
     noisy_examples,
 )
 from .families import attention_layers
-from .io import AdapterLoadError, _copy_strict, adapter_tensors, base_signature, load, save
+from .io import AdapterLoadError, _copy_strict, adapter_tensors, base_signature, copy_tensors_strict, load, save
 from .patch import apply, remove, state_of
 from .schedule import LambdaCallback, current_lambdas
 
@@ -682,19 +682,7 @@ def _load_projections(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise AdapterLoadError(f"{path}: missing the trained projection tensors")
     tensors = load_file(str(path))
-    targets = projection_parameters(model)
-    missing, extra = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-    if missing:
-        raise AdapterLoadError(f"{path}: missing tensor(s) {', '.join(missing)}")
-    if extra:
-        raise AdapterLoadError(f"{path}: unexpected tensor(s) {', '.join(extra)} (not projections of this model)")
-    for k, t in targets.items():
-        if tuple(tensors[k].shape) != tuple(t.shape):
-            raise AdapterLoadError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, "
-                                   f"the model expects {tuple(t.shape)}")
-    with torch.no_grad():
-        for k, t in targets.items():
-            t.copy_(tensors[k].to(device=t.device, dtype=t.dtype))
+    copy_tensors_strict(projection_parameters(model), tensors, path, "not projections of this model")
 
 
 def _load_lora(model: nn.Module, lora_dir: Path) -> nn.Module:
