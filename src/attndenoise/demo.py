@@ -180,8 +180,9 @@ def _load_base(path: Path) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int, run_dir: Path) -> nn.Module:
-    """A trained model for ``label``: reuse a finished run with the same settings, else train it now."""
+def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int, run_dir: Path) -> tuple[nn.Module, Any]:
+    """A trained model for ``label`` and its tokenizer: reuse a finished run with the same settings, else train it
+    now."""
     tconf = TrainConfig(
         model=str(base), method=label, data="synthetic", out=str(run_dir), noise=cfg.train_noise,
         noise_mix=None if cfg.train_noise_mix is None else [float(r) for r in cfg.train_noise_mix], steps=cfg.steps,
@@ -194,12 +195,12 @@ def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int, run_dir:
         recorded = json.loads(run_file.read_text()).get("config", {})
         wanted = {k: v for k, v in tconf.to_dict().items() if k not in ("progress", "resume")}
         if all(recorded.get(k) == v for k, v in wanted.items()):
-            model, _ = _load_base(base)
-            return load_trained(model, run_dir).eval()
+            model, tokenizer = _load_base(base)
+            return load_trained(model, run_dir).eval(), tokenizer
         raise FileExistsError(f"{run_dir} holds a run with other settings; remove it or choose another --out")
     model, tokenizer = _load_base(base)
     result = train(tconf, model=model, tokenizer=tokenizer)
-    return result.model.eval()
+    return result.model.eval(), tokenizer
 
 
 def _method_options(cfg: DemoConfig, label: str) -> dict[str, Any]:
@@ -254,8 +255,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
                 apply(model, registry.config_for(label, **cfg.sra_options if label == "sra" else {}))
             else:
                 _log(progress, f"seed {seed}: training {label} ({cfg.steps} steps)")
-                tokenizer = AutoTokenizer.from_pretrained(base)
-                model = _train_or_reuse(cfg, base, label, seed, out / "runs" / f"seed{seed}" / label)
+                model, tokenizer = _train_or_reuse(cfg, base, label, seed, out / "runs" / f"seed{seed}" / label)
                 train_seconds.setdefault(label, []).append(time.perf_counter() - t0)
             _log(progress, f"seed {seed}: evaluating {label}")
             with torch.no_grad():

@@ -530,9 +530,12 @@ def train(
         raise TrainError("the tokenizer has neither a pad nor an EOS token to pad batches with")
 
     lora_config = _lora_config(config, model) if config.kind in ("lora", "method+lora") else None
-    # A few training examples for options resolved from data (e.g. DEX's entropy head selection); the batch is
-    # padded, and the mask keeps padding out of the statistics.
-    calib = {k: v for k, v in collate(features[:8], pad_id).items() if k != "labels"}
+    # A few training examples for options resolved from data (e.g. DEX's entropy head selection), built only when
+    # the method needs them; the batch is padded, and the mask keeps padding out of the statistics.
+    method_cfg = config.method_config()
+    calib = None
+    if method_cfg is not None and method_cfg.needs_calibration:
+        calib = {k: v for k, v in collate(features[:8], pad_id).items() if k != "labels"}
     train_model, base = prepare_model(model, config, lora_config, calibration_inputs=calib)
     signature = base_signature(base)
     cuda = torch.cuda.is_available()
