@@ -257,6 +257,22 @@ def test_synthetic_distractors_are_similar_and_do_not_answer() -> None:
     assert shared / total > 0.6
 
 
+def test_synthetic_document_styles() -> None:
+    for ex in SyntheticQA(5, document_style="facts").examples(20):
+        for doc in ex.documents:
+            name, facts = ex.meta["facts"][doc]
+            sentences = [s.strip() for s in doc.split(".") if s.strip()]
+            # One sentence per stated fact, each starting with the full name and stating that fact's value.
+            assert len(sentences) == len(facts) == 3
+            assert all(s.startswith(name + " ") for s in sentences)
+            stated = {a.name: s for a in ATTRIBUTES for s in sentences if a.clause.split("{v}")[0] in s}
+            assert {k: stated[k].endswith(" " + v) for k, v in facts.items()} == dict.fromkeys(facts, True)
+    ex = SyntheticQA(5, document_style="sentence").example()
+    assert all(doc.count(".") == 1 and doc.count(ex.meta["facts"][doc][0]) == 1 for doc in ex.documents)
+    with pytest.raises(ValueError, match="facts, sentence|sentence, facts"):
+        SyntheticQA(0, document_style="prose")
+
+
 def test_synthetic_text_has_no_unknown_tokens(tok: PreTrainedTokenizerFast) -> None:
     qa = SyntheticQA(1)
     texts = [format_prompt(build_noisy_example(e, 0.9, rng=0), tok).text for e in qa.examples(30)]

@@ -12,7 +12,8 @@ from attndenoise.demo import DemoConfig, run_demo
 from attndenoise.evaluate import read_results
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=64, batch_size=8, steps=20, warmup_steps=5, max_position_embeddings=512)
+             intermediate_size=64, batch_size=8, steps=20, warmup_steps=5, max_position_embeddings=512,
+             induction_steps=5)
 
 
 def _config(tmp: Path, **kw: object) -> DemoConfig:
@@ -44,6 +45,13 @@ def test_demo_runs_every_row_and_reports_what_it_measured(tmp_path: Path) -> Non
     assert set(att) == labels and all(len(v) == 2 for v in att.values())
     for label in ("none", "lora", "daa"):
         assert (out / "runs" / "seed1" / label / "run.json").exists()
+    # Both verdict tables have their rows, and the per-method option chosen on validation is applied and reported.
+    assert any(line.startswith("| daa | none |") for line in text.splitlines())
+    assert any(line.startswith("| daa | base |") for line in text.splitlines())
+    assert any(line.startswith("| none | base |") for line in text.splitlines())
+    assert "daa lambda_schedule=linear" in text
+    run = json.loads((out / "runs" / "seed0" / "daa" / "run.json").read_text())
+    assert run["config"]["method_options"]["lambda_schedule"] == "linear"
 
 
 def test_demo_reuses_finished_runs_and_refuses_other_settings(tmp_path: Path) -> None:
@@ -70,7 +78,7 @@ def test_demo_learning_rate_overrides_apply_per_row_and_are_checked(tmp_path: Pa
     cfg = _config(tmp_path, learning_rate=2e-3, learning_rates={"daa": 5e-4})
     assert cfg.learning_rate_for("daa") == 5e-4
     assert cfg.learning_rate_for("none") == 2e-3
-    assert _config(tmp_path).learning_rate_for("opamp") == 2e-4  # the default override, even when opamp is not run
+    assert _config(tmp_path).learning_rate_for("opamp") == 5e-4  # the default override, even when opamp is not run
     with pytest.raises(ValueError, match="unknown row"):
         _config(tmp_path, learning_rates={"nope": 1e-4})
     with pytest.raises(ValueError, match="positive"):

@@ -53,7 +53,8 @@ from attndenoise.plots import (
 from attndenoise.tiny import tiny_model_path
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=64, batch_size=8, steps=40, warmup_steps=5, max_position_embeddings=512)
+             intermediate_size=64, batch_size=8, steps=40, warmup_steps=5, max_position_embeddings=512,
+             induction_steps=10)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,11 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import attndenoise.tiny as tiny
 from attndenoise.data import SyntheticQA, build_noisy_example, collate, encode_for_training
+from attndenoise.data.tokenizer import build_tokenizer
 from attndenoise.tiny import METADATA_FILE, TinyConfig, pretrain_tiny, sequence_loss, tiny_model_path
 
 # Small enough to build in a second or two on 2 cores.
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=64, batch_size=8, steps=40, warmup_steps=5, max_position_embeddings=512)
+             intermediate_size=64, batch_size=8, steps=40, warmup_steps=5, max_position_embeddings=512,
+             induction_steps=5, learning_rate=3e-3)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,35 @@ def test_pretraining_lowers_the_loss(built: Path, tmp_path: Path) -> None:
     assert losses["trained"] < losses["init"] - 1.0, losses
     meta = json.loads((built / METADATA_FILE).read_text())
     assert meta["loss_last"] < meta["loss_first"]
+
+
+def test_repeat_drill_comes_first_and_trains_only_the_repeat() -> None:
+    tok = build_tokenizer()
+    cfg = TinyConfig(**{**SMALL, "induction_steps": 2, "batch_size": 4})
+    batches = tiny._Mixture(cfg, tok).batches()
+    for _ in range(cfg.induction_steps):
+        batch = next(batches)
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+            ids = ids[mask.bool()].tolist()
+            n = (len(ids) - 2) // 2
+            assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and ids[1:n + 1] == ids[n + 1:-1]
+            assert cfg.repeat_min_len <= n <= cfg.repeat_max_len
+            assert not set(ids[1:-1]) & set(tok.all_special_ids)
+            target = labels[mask.bool()].tolist()
+            # Nothing of the first copy is a target (it cannot be predicted); the repeat and EOS are.
+            assert target[: n + 1] == [-100] * (n + 1) and target[n + 1:] == ids[n + 1:]
+    # After the drill the mixture follows: QA answers appear (labels with ignored prompt tokens before them).
+    later = [next(batches) for _ in range(4)]
+    question = tok.convert_tokens_to_ids("Question")
+    assert any((b["input_ids"] == question).any() for b in later)
+
+
+@pytest.mark.parametrize("bad", [{"document_style": "prose"}, {"mix_qa": 0.8, "mix_repeat": 0.3},
+                                 {"mix_repeat": -0.1}, {"induction_steps": -1}, {"repeat_min_len": 0},
+                                 {"repeat_min_len": 9, "repeat_max_len": 8}])
+def test_config_rejects(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        TinyConfig(**bad)  # type: ignore[arg-type]
 
 
 def test_thread_count_does_not_change_weights(tmp_path: Path) -> None:

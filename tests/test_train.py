@@ -36,7 +36,8 @@ from attndenoise.tiny import tiny_model_path
 from attndenoise.train import PROJECTIONS_FILE, TrainConfig, TrainResult
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=64, batch_size=8, steps=20, warmup_steps=5, max_position_embeddings=512)
+             intermediate_size=64, batch_size=8, steps=20, warmup_steps=5, max_position_embeddings=512,
+             induction_steps=5)
 PROJ = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight")
 RUNS: dict[str, dict[str, Any]] = {
     "method": dict(method="daa", method_options={"anneal_steps": 0}),

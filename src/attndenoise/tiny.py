@@ -39,10 +39,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from .data.examples import NoisyExample, build_noisy_example
 from .data.formatting import DEFAULT_FORMAT, IGNORE_INDEX, collate, encode_for_training, format_context
-from .data.synthetic import ATTRIBUTE_BY_NAME, SyntheticQA
+from .data.synthetic import ATTRIBUTE_BY_NAME, DOCUMENT_STYLES, SyntheticQA
 from .data.tokenizer import build_tokenizer
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 CACHE_ENV = "ATTNDENOISE_CACHE"
 METADATA_FILE = "attndenoise_tiny.json"
 
@@ -52,41 +52,59 @@ class TinyConfig:
     """Everything that determines the built model (all of it enters the cache hash).
 
     Model: a Llama with grouped-query attention (``num_key_value_heads < num_attention_heads``) and tied embeddings.
-    Data: each training sequence is QA with probability ``mix_qa`` (``k`` distractors with probability
-    ``distractor_weights[k]``, ``questions_per_context`` questions about people of the context, trained on the
-    answers), a passkey haystack of ``passkey_min_len..passkey_max_len`` tokens with probability ``mix_passkey``, else
-    plain text: ``2..max_plain_documents`` documents about similar people, some restated at the end (passkey and
-    plain text are trained on every token). The loss is averaged per sequence so that long sequences do not drown
-    the answers.
+    Data: the first ``induction_steps`` batches are the repeat drill alone (a random word string, then the same
+    string again, trained on the repeat); after that each training sequence is QA with probability ``mix_qa`` (``k``
+    distractors with probability ``distractor_weights[k]``, ``questions_per_context`` questions about people of the
+    context, trained on the answers), the repeat drill (``repeat_min_len..repeat_max_len`` words) with probability
+    ``mix_repeat``, a passkey haystack of ``passkey_min_len..passkey_max_len`` tokens with probability
+    ``mix_passkey``, else plain text: ``2..max_plain_documents`` documents about similar people, some restated at
+    the end (passkey and plain text are trained on every token). Documents are written in ``document_style`` (see
+    ``SyntheticQA``). The loss is averaged per sequence so that long sequences do not drown the answers.
     """
 
     hidden_size: int = 128
-    num_hidden_layers: int = 4
+    # How the defaults were chosen (EM of greedy answers to 200 validation questions, SyntheticQA(100, "val"), at
+    # noise 0 / 0.5 / 0.8 / 0.9; never the report's test questions):
+    # * Version 1 (4 layers, lr 3e-3, no repeat drill, one-sentence documents, 1600 steps) answered every noise-free
+    #   question but picked a document at chance once there were others (1.0 / 0.53 / 0.19 / 0.10), even when no
+    #   distractor shared a name part: it had no copying circuit at all (a repeated random word string was predicted
+    #   ~1% of the time). QA and passkey data alone never grew one (800 steps of QA with 3 distractors: EM 0.05).
+    # * A pure stream of the repeat drill grows induction in ~600-800 steps at lr 1e-3 (2 layers fastest and
+    #   smoothest; 4 layers at lr 3e-3 did not settle in 1200 steps), so the drill comes first (``induction_steps``)
+    #   and stays in the mixture.
+    # * With it, documents written one fact per sentence ("Kalo Dremet lives in Varnok."), 2 layers and 2000 steps,
+    #   the model looks documents up by the full name: 1.0 / 0.995 / 0.92 / 0.0 with passkeys up to 160 tokens and
+    #   up to 6 plain documents, where noise 0.9 (about 215 tokens) fails by running past the positions it was
+    #   trained on. Longer passkeys (320), plain texts (12 documents) and repeats (96 words) remove that failure:
+    #   1.0 / 0.995 / 0.985 / 0.63, the errors at 0.9 being values of the asked kind taken from similarly named
+    #   distractors (the noise this tool is about), and needle retrieval is exact up to 256 tokens. 4 layers with
+    #   the same data: 1.0 / 1.0 / 0.475 / 0.0. That build takes ~450 s on one thread.
+    num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 384
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
-    # Pretraining budget and QA noise (measured on 200 validation questions, greedy; see the demo tuning notes in the
-    # commit message): 1200 steps with distractor_weights (0.3, 0.3, 0.25, 0.1, 0.05) left the model weak even without
-    # noise (EM 0.38 at noise 0); 2400 steps reached 0.71 but took ~880 s to build. 1600 steps with QA contexts of
-    # 0-1 distractors (0.7, 0.3) answers every noise-free question (EM 1.0) and is clearly hurt by noise (0.515 / 0.2 /
-    # 0.085 at noise 0.5 / 0.8 / 0.9, about chance among the documents), and builds in ~375 s on one thread.
-    steps: int = 1600
+    steps: int = 2000
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
     seed: int = 0
     attributes_per_document: int = 3
     share_name: float = 0.8
+    document_style: str = "facts"
     questions_per_context: int = 3
-    mix_qa: float = 0.7
-    mix_passkey: float = 0.15
+    induction_steps: int = 700
+    mix_qa: float = 0.6
+    mix_repeat: float = 0.1
+    mix_passkey: float = 0.1
     distractor_weights: tuple[float, ...] = (0.7, 0.3)
+    repeat_min_len: int = 8
+    repeat_max_len: int = 96
     passkey_min_len: int = 16
-    passkey_max_len: int = 160
-    max_plain_documents: int = 6
+    passkey_max_len: int = 320
+    max_plain_documents: int = 12
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -95,10 +113,15 @@ class TinyConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError("steps must be >= 0 and batch_size >= 1")
-        if not 0 <= self.mix_qa + self.mix_passkey <= 1:
-            raise ValueError("mix_qa + mix_passkey must be in [0, 1]")
+        mixes = (self.mix_qa, self.mix_passkey, self.mix_repeat)
+        if min(mixes) < 0 or sum(mixes) > 1:
+            raise ValueError("mix_qa, mix_passkey and mix_repeat must be non-negative with a sum in [0, 1]")
         if not self.distractor_weights or min(self.distractor_weights) < 0 or sum(self.distractor_weights) <= 0:
             raise ValueError("distractor_weights must be non-negative with a positive sum")
+        if self.document_style not in DOCUMENT_STYLES:
+            raise ValueError(f"document_style must be one of {', '.join(DOCUMENT_STYLES)}, got {self.document_style!r}")
+        if self.induction_steps < 0 or not 1 <= self.repeat_min_len <= self.repeat_max_len:
+            raise ValueError("induction_steps must be >= 0 and 1 <= repeat_min_len <= repeat_max_len")
 
     def version_hash(self) -> str:
         """A short hash of the settings and ``TINY_VERSION``: the cache key."""
@@ -173,7 +196,10 @@ class _Mixture:
         self.tokenizer = tokenizer
         self.rng = random.Random(f"attndenoise-pretrain:{config.seed}")
         self.qa = SyntheticQA(config.seed, split="train", attributes_per_document=config.attributes_per_document,
-                              share_name=config.share_name)
+                              share_name=config.share_name, document_style=config.document_style)
+        # Word ids the repeat drill samples from: every word of the synthetic vocabulary, specials excluded.
+        special = set(tokenizer.all_special_ids)
+        self.words = [i for i in range(len(tokenizer)) if i not in special]
         self.max_k = len(config.distractor_weights) - 1
 
     def sequence(self) -> dict[str, list[int]]:
@@ -201,7 +227,9 @@ class _Mixture:
                 feats["attention_mask"] += [1] * (len(q_ids) + len(a_ids))
                 feats["labels"] += [IGNORE_INDEX] * len(q_ids) + a_ids
             return feats
-        if u < c.mix_qa + c.mix_passkey:
+        if u < c.mix_qa + c.mix_repeat:
+            return self.repeat()
+        if u < c.mix_qa + c.mix_repeat + c.mix_passkey:
             # Every token is a target: after the first filler cycle the text repeats, and the pass key appears twice
             # before the answer, so most tokens are predictable by copying. That dense signal grows the copying
             # (induction) heads the QA task also needs, much faster than answers alone.
@@ -222,10 +250,25 @@ class _Mixture:
         ids = list(self.tokenizer(text)["input_ids"]) + [self.tokenizer.eos_token_id]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
 
+    def repeat(self) -> dict[str, list[int]]:
+        """Induction drill: a random word string, then the same string again. Only the repeat is predictable, and
+        only by finding the earlier occurrence of the current word and copying its successor: the match-and-copy
+        circuit that document lookup is built from. Measured here: the QA mixture alone never grew it in 1600 steps
+        (a repeat is predicted ~1% of the time, chance), a pure stream of this drill grows it in ~600-800 steps."""
+        c, r = self.config, self.rng
+        n = r.randint(c.repeat_min_len, c.repeat_max_len)
+        seq = [r.choice(self.words) for _ in range(n)]
+        ids = [self.tokenizer.bos_token_id, *seq, *seq, self.tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * (n + 1) + ids[n + 1:]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
     def batches(self, pool_batches: int = 8) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless batches. Sequences are drawn ``pool_batches`` batches at a time and grouped by length (then the
-        batches shuffled), which roughly halves the compute spent on padding."""
+        """Endless batches: ``induction_steps`` batches of the repeat drill alone, then the mixture. Sequences are
+        drawn ``pool_batches`` batches at a time and grouped by length (then the batches shuffled), which roughly
+        halves the compute spent on padding."""
         bs = self.config.batch_size
+        for _ in range(self.config.induction_steps):
+            yield collate([self.repeat() for _ in range(bs)], self.tokenizer.pad_token_id)
         while True:
             pool = sorted((self.sequence() for _ in range(bs * pool_batches)), key=lambda f: len(f["input_ids"]))
             groups = [pool[i:i + bs] for i in range(0, len(pool), bs)]

@@ -3,10 +3,16 @@
 QA. Each example is a small world: a gold person and ``num_candidates`` distractor people whose documents state the
 same kinds of attributes. Distractors are chosen to be confusable: most share the gold person's first or last name,
 and none shares the asked value, so a model that matches only part of the name, or that answers with the most
-frequent value in the context, is wrong. A document is one sentence of about 15 tokens::
+frequent value in the context, is wrong. A document states each fact in its own sentence that repeats the full name
+(``document_style="facts"``, the default, about 20 tokens), or all facts in one sentence (``"sentence"``)::
 
+    Kalo Dremet lives in Varnok. Kalo Dremet owns a heron. Kalo Dremet works as a tailor.
     Kalo Dremet lives in Varnok, owns a heron and works as a tailor.
     Question: Where does Kalo Dremet live?    Answer: Varnok
+
+The "facts" style puts the full name a few tokens before every value, so the answer is found by matching the name
+and copying what follows it, the lookup a small model learns (see ``attndenoise.tiny``); in the "sentence" style a
+value can be ten tokens from the name, and the tiny model never learned to bind them.
 
 Passkey. Following the needle-in-a-haystack / RULER convention, a 5-digit pass key sentence is hidden in repeated
 filler sentences at relative depth ``depth`` (0 = start of the context, 1 = end) of a haystack of about
@@ -63,6 +69,7 @@ ATTRIBUTES = (
     )),
 )
 ATTRIBUTE_BY_NAME = {a.name: a for a in ATTRIBUTES}
+DOCUMENT_STYLES = ("sentence", "facts")
 
 # The passkey task's filler and needle, in the wording of the original passkey-retrieval test (Mohtashami & Jaggi,
 # 2023) that RULER and needle-in-a-haystack suites reuse.
@@ -108,7 +115,8 @@ class SyntheticQA:
     examples, so held-out questions never come from the pretraining stream.
 
     ``attributes_per_document`` facts are stated per person (the asked one always among them, in a random order);
-    ``share_name`` is the probability that a distractor shares the gold person's first or last name.
+    ``share_name`` is the probability that a distractor shares the gold person's first or last name;
+    ``document_style`` is ``"facts"`` or ``"sentence"`` (see the module docstring).
     """
 
     def __init__(
@@ -119,7 +127,10 @@ class SyntheticQA:
         num_candidates: int = 9,
         attributes_per_document: int = 3,
         share_name: float = 0.8,
+        document_style: str = "facts",
     ) -> None:
+        if document_style not in DOCUMENT_STYLES:
+            raise ValueError(f"document_style must be one of {', '.join(DOCUMENT_STYLES)}, got {document_style!r}")
         if not 1 <= attributes_per_document <= len(ATTRIBUTES):
             raise ValueError(
                 f"attributes_per_document must be in [1, {len(ATTRIBUTES)}], got {attributes_per_document}"
@@ -133,6 +144,7 @@ class SyntheticQA:
         self.num_candidates = num_candidates
         self.attributes_per_document = attributes_per_document
         self.share_name = share_name
+        self.document_style = document_style
         # A string seed is hashed with SHA-512 by `random`, independent of PYTHONHASHSEED: reproducible across runs.
         self.rng = random.Random(f"attndenoise-synthetic:{split}:{seed}")
 
@@ -203,6 +215,8 @@ class SyntheticQA:
         attrs = [asked, *self.rng.sample(others, self.attributes_per_document - 1)]
         self.rng.shuffle(attrs)
         clauses = [a.clause.format(v=p.facts[a.name]) for a in attrs]
+        if self.document_style == "facts":
+            return " ".join(f"{p.name} {c}." for c in clauses), {a.name: p.facts[a.name] for a in attrs}
         body = clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and " + clauses[-1]
         return f"{p.name} {body}.", {a.name: p.facts[a.name] for a in attrs}
 
