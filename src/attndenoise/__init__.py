@@ -32,10 +32,20 @@ from .methods.sra import SRAConfig
 from .opamp_checkpoint import load_opamp_checkpoint
 from .patch import AlreadyAppliedError, NotAppliedError, apply, merge, method_modules, reference_mode, remove
 from .registry import METHODS, config_for
-from .schedule import LambdaCallback, current_lambdas, set_step, step
+from .schedule import current_lambdas, set_step, step
 from .train import TrainConfig, TrainError, load_trained, train
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # LambdaCallback subclasses transformers' TrainerCallback, whose import pulls in peft, accelerate and datasets
+    # (seconds): it is loaded on first use, so `import attndenoise` does not pay for it.
+    if name == "LambdaCallback":
+        from .hf_trainer import LambdaCallback
+
+        return LambdaCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "METHODS", "config_for", "apply", "remove", "merge", "save", "load", "step", "set_step", "current_lambdas",

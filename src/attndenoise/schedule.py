@@ -1,4 +1,4 @@
-"""The lambda schedule (SPEC section 1) and what advances it during training.
+"""The lambda schedule (SPEC section 1) and how to advance it (the Trainer callback is in ``hf_trainer``).
 
 ``lambda(t) = (1 - alpha) * (t / T) * lambda_init + alpha * lambda_learn``, ``alpha = min(1, t / T)`` (DAA eq. 3).
 The step ``t`` is a persistent buffer of every :class:`LambdaSchedule`, so it is saved with the adapter and a
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 
 class LambdaSchedule(nn.Module):
@@ -75,26 +74,7 @@ def current_lambdas(model: nn.Module) -> dict[str, list[float]]:
     return out
 
 
-class LambdaCallback(TrainerCallback):
-    """Keeps the schedules in step with ``transformers.Trainer``'s global step and logs lambda per layer."""
-
-    def _sync(self, state, model) -> None:  # type: ignore[no-untyped-def]
-        if model is not None:
-            set_step(_unwrap(model), state.global_step)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        self._sync(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        self._sync(state, model)
-
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        if logs is not None and model is not None:
-            for name, vals in current_lambdas(_unwrap(model)).items():
-                logs[f"lambda/{name}"] = sum(vals) / len(vals)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     # DDP / accelerate wrappers keep the real model under .module
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module

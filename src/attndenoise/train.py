@@ -38,14 +38,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from . import registry
 from .config import ConfigError, MethodConfig
@@ -60,9 +58,12 @@ from .data import (
     noisy_examples,
 )
 from .families import attention_layers
-from .io import AdapterLoadError, _copy_strict, adapter_tensors, base_signature, copy_tensors_strict, load, save
+from .io import AdapterLoadError, _copy_strict, base_signature, copy_tensors_strict, load, save
 from .patch import apply, remove, state_of
-from .schedule import LambdaCallback, current_lambdas
+from .schedule import current_lambdas
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 BASELINES = ("none", "lora")
 KINDS = ("method", "method+lora", "lora", "none")
@@ -401,56 +402,6 @@ def prepare_model(
     return peft_model, model
 
 
-# -- the Trainer ----------------------------------------------------------------------------------------------------
-
-
-class _Trainer(Trainer):
-    """``Trainer`` whose checkpoints appear atomically: each is written under ``.tmp-checkpoint-N`` and renamed to
-    ``checkpoint-N`` once complete (every process has written its part), so ``get_last_checkpoint`` never sees a
-    half-written one after a crash. For method+lora runs the method tensors go into the checkpoint too (peft's
-    adapter save keeps only LoRA tensors)."""
-
-    def __init__(self, *args: Any, method_model: nn.Module | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._method_model = method_model
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        run_dir = Path(str(self.args.output_dir))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / f".tmp-{name}"
-        if self.args.should_save and staging.exists():
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        self.args.output_dir = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-            if self._method_model is not None and self.args.should_save:
-                tensors = {k: v.cpu() for k, v in adapter_tensors(self._method_model).items()}
-                save_file(tensors, str(staging / name / CHECKPOINT_METHOD_FILE), metadata={"format": "pt"})
-        finally:
-            self.args.output_dir = str(run_dir)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = run_dir / name
-            if final.exists():  # a re-run of the same step: replace it
-                shutil.rmtree(final)
-            os.replace(staging / name, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
-        self.accelerator.wait_for_everyone()
-
-
-class _History(TrainerCallback):
-    """Adds lambda per layer (per head where the method has one per head) to each entry of the Trainer's log history,
-    which checkpoints carry, so run.json of a resumed run holds the whole history."""
-
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        if model is None or not state.log_history:
-            return
-        for name, values in current_lambdas(model).items():
-            state.log_history[-1][f"lambda/{name}"] = values
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -499,6 +450,12 @@ def train(
     Keyword ``overrides`` are ``TrainConfig`` fields (``train(model="path", method="daa", steps=10)``).
     Runs unchanged under ``torchrun`` (each process calls this; only the main process writes the outputs).
     """
+    # transformers' Trainer (and peft and datasets with it) takes seconds to import: only a training run pays for it.
+    from transformers import PrinterCallback, TrainingArguments, set_seed
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+    from .hf_trainer import AtomicTrainer, LambdaCallback, LambdaHistory
+
     if isinstance(model, str | os.PathLike):
         overrides["model"], model = str(model), None
     config = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
@@ -553,10 +510,10 @@ def train(
     )
     global_batch = config.batch_size * config.grad_accum * args.world_size
     dataset = _OrderedDataset(features, training_order(len(features), config.steps * global_batch, config.seed))
-    trainer = _Trainer(
+    trainer = AtomicTrainer(
         model=train_model, args=args, train_dataset=dataset,
         data_collator=lambda batch: collate(batch, pad_id),
-        callbacks=[LambdaCallback(), _History(), *callbacks],
+        callbacks=[LambdaCallback(), LambdaHistory(), *callbacks],
         method_model=base if config.kind == "method+lora" else None,
     )
     if not config.progress:

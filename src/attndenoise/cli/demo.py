@@ -22,7 +22,8 @@ def demo_command(
         help="Comma-separated trainable methods to train (default: all). Baselines none and lora always run.")] = "",
     steps: Annotated[int, typer.Option(help="Training steps per method (the same for all).")] = DemoConfig.steps,
     batch_size: Annotated[int, typer.Option(help="Training examples per step.")] = DemoConfig.batch_size,
-    lr: Annotated[float, typer.Option(help="Learning rate, the same for all.")] = DemoConfig.learning_rate,
+    lr: Annotated[float, typer.Option(help="Learning rate of every trained row but OpAmp (5e-4, chosen on a "
+                                      "validation split).")] = DemoConfig.learning_rate,
     train_noise: Annotated[float, typer.Option(help="Noise ratio of the training contexts.")] = DemoConfig.train_noise,
     n_eval: Annotated[int, typer.Option(help="Held-out QA questions per noise ratio.")] = DemoConfig.n_eval,
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
