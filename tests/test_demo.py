@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attndenoise.cli import app
-from attndenoise.demo import DemoConfig, run_demo
+from attndenoise.demo import DemoConfig, _gold_share, run_demo
 from attndenoise.evaluate import read_results
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -52,6 +52,16 @@ def test_demo_runs_every_row_and_reports_what_it_measured(tmp_path: Path) -> Non
     assert "daa lambda_schedule=linear" in text
     run = json.loads((out / "runs" / "seed0" / "daa" / "run.json").read_text())
     assert run["config"]["method_options"]["lambda_schedule"] == "linear"
+    # Training time is the training loop's, read from each seed's run.json.
+    secs = [json.loads((out / "runs" / f"seed{i}" / "daa" / "run.json").read_text())["seconds"] for i in (0, 1)]
+    m = sum(secs) / 2
+    time_row = [line for line in text.splitlines() if line.startswith("| daa |")][-1]
+    assert time_row == f"| daa | {m:.1f} ± {abs(secs[0] - secs[1]) / 2 ** 0.5:.1f} |"
+
+
+def test_gold_share_is_only_given_for_unsigned_maps() -> None:
+    assert _gold_share([0.3, 0.5], [0.1, 0.5]) == f"{(0.75 + 0.5) / 2:.3f} ± {((0.75 - 0.5) / 2 ** 0.5):.3f}"
+    assert _gold_share([0.3, 0.5], [-0.1, 0.2]) == "n/a (signed map)"
 
 
 def test_demo_reuses_finished_runs_and_refuses_other_settings(tmp_path: Path) -> None:
@@ -59,8 +69,9 @@ def test_demo_reuses_finished_runs_and_refuses_other_settings(tmp_path: Path) ->
     run_demo(cfg)
     run_json = tmp_path / "out" / "runs" / "seed0" / "daa" / "run.json"
     stamp = run_json.stat().st_mtime_ns
-    run_demo(cfg)
+    report = run_demo(cfg)
     assert run_json.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert "3 finished training run(s) were reused" in report.read_text()  # none, lora, daa
     with pytest.raises(FileExistsError, match="other settings"):
         run_demo(_config(tmp_path, steps=4))
 

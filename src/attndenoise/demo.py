@@ -232,16 +232,16 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
     _log(progress, "base model: building or reusing the embedded tiny model")
     t0 = time.perf_counter()
     base = tiny_model_path(cfg.cache_dir, threads=cfg.threads, **cfg.tiny)
-    timings: dict[str, float] = {"base model": time.perf_counter() - t0}
+    base_seconds = time.perf_counter() - t0
 
     results: list[EvalResults] = []
     attention: dict[str, list[AttentionMeasures]] = {}
     train_seconds: dict[str, list[float]] = {}
+    reused = 0  # training runs found finished in `out` (their time is not in this invocation's total)
     labels = cfg.labels()
     for seed in range(cfg.seeds):
         att_examples = _attention_examples(cfg, seed)
         for label in labels:
-            t0 = time.perf_counter()
             if label == BASE_LABEL:
                 model, tokenizer = _load_base(base)
             elif label in inference_methods():
@@ -249,8 +249,13 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
                 apply(model, registry.config_for(label, **cfg.sra_options if label == "sra" else {}))
             else:
                 _log(progress, f"seed {seed}: training {label} ({cfg.steps} steps)")
-                model, tokenizer = _train_or_reuse(cfg, base, label, seed, out / "runs" / f"seed{seed}" / label)
-                train_seconds.setdefault(label, []).append(time.perf_counter() - t0)
+                run_dir = out / "runs" / f"seed{seed}" / label
+                reused += (run_dir / RUN_FILE).exists()
+                model, tokenizer = _train_or_reuse(cfg, base, label, seed, run_dir)
+                # The training loop's own time, recorded in run.json: the same whether this call trained the run or
+                # reused it (wall time here would mix training with a reload).
+                recorded = json.loads((run_dir / RUN_FILE).read_text())["seconds"]
+                train_seconds.setdefault(label, []).append(float(recorded))
             _log(progress, f"seed {seed}: evaluating {label}")
             with torch.no_grad():
                 res = evaluate_model(
@@ -260,7 +265,6 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
                 )
                 results.append(res)
                 attention.setdefault(label, []).append(dataset_attention(model, tokenizer, att_examples))
-            timings[f"{label} (seed {seed})"] = time.perf_counter() - t0
             del model
 
     _log(progress, "writing the report")
@@ -275,7 +279,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
     }
     total = time.perf_counter() - start
     report = out / "report.md"
-    report.write_text(render_report(cfg, results, attention, train_seconds, plots, total) + "\n")
+    report.write_text(render_report(cfg, results, attention, train_seconds, plots, total,
+                                     base_seconds=base_seconds, reused=reused) + "\n")
     _log(progress, f"done in {total:.0f} s: {report}")
     return report
 
@@ -332,6 +337,13 @@ def _lr_overrides_text(cfg: DemoConfig) -> str:
     return " (" + ", ".join(f"{k}: {v}" for k, v in sorted(cfg.learning_rates.items())) + ")"
 
 
+def _gold_share(gold: Sequence[float], noise: Sequence[float]) -> str:
+    """gold / (gold + distractors) per seed, formatted; "n/a (signed map)" when any mass is negative."""
+    if min(*gold, *noise) < 0:
+        return "n/a (signed map)"
+    return _fmt([g / (g + n) if g + n else float("nan") for g, n in zip(gold, noise, strict=True)])
+
+
 def _options_text(cfg: DemoConfig) -> str:
     used = {m: o for m, o in sorted(cfg.method_options.items()) if o and m in (cfg.methods or ())}
     if not used:
@@ -354,7 +366,8 @@ def _verdict_table(by: dict[str, list[EvalResults]], ratios: Sequence[float],
 
 
 def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: dict[str, list[AttentionMeasures]],
-                  train_seconds: dict[str, list[float]], plots: dict[str, Path], total: float) -> str:
+                  train_seconds: dict[str, list[float]], plots: dict[str, Path], total: float, *,
+                  base_seconds: float | None = None, reused: int = 0) -> str:
     """``report.md``: settings, QA accuracy per noise ratio, needle, attention to gold, verdicts, timings."""
     by = _by_label(results)
     ratios = list(cfg.eval_noise)
@@ -369,7 +382,9 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
         f"{_options_text(cfg)}. "
         f"Evaluation: {cfg.n_eval} held-out "
         "questions per noise ratio (the same for every row of a seed), greedy decoding.",
-        f"Total time {total:.0f} s on {os.cpu_count()} CPU core(s), torch {torch.__version__}.",
+        f"Total time {total:.0f} s on {os.cpu_count()} CPU core(s), torch {torch.__version__}"
+        + ("" if base_seconds is None else f", of which {base_seconds:.0f} s to build or load the base model")
+        + (f"; {reused} finished training run(s) were reused from an earlier invocation." if reused else "."),
         "",
         "## Noisy-context QA, exact match",
         "",
@@ -406,16 +421,20 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
               f"## Attention to the gold document (SPEC 9), noise {cfg.attention_noise}", "",
               "Mass of each model's effective combined attention map (signed for differential methods) from the last "
               "prompt position on the gold document's tokens vs on the distractors' tokens, mean over heads, layers "
-              f"and {cfg.attention_examples} examples.", "",
-              "| model | to gold | to distractors | gold / (gold + distractors) |", "|---|---|---|---|"]
+              f"and {cfg.attention_examples} examples. The gold share is given for maps without negative mass only: "
+              "a signed map can put negative mass on the distractors, and the ratio then means nothing; compare the "
+              "margin (gold minus distractors) instead.", "",
+              "| model | to gold | to distractors | gold - distractors | gold / (gold + distractors) |",
+              "|---|---|---|---|---|"]
     for label in cfg.labels():
         if label not in attention:
             continue
         gold = [statistics.fmean(m.gold) for m in attention[label]]
         noise = [statistics.fmean(m.noise) for m in attention[label]]
-        share = [g / (g + n) if g + n else float("nan") for g, n in zip(gold, noise, strict=True)]
-        lines.append(f"| {label} | {_fmt(gold)} | {_fmt(noise)} | {_fmt(share)} |")
-    lines += ["", f"![attention]({plots['attention'].name})", "", "## Training time (s per run)", "",
+        margin = [g - n for g, n in zip(gold, noise, strict=True)]
+        lines.append(f"| {label} | {_fmt(gold)} | {_fmt(noise)} | {_fmt(margin)} | {_gold_share(gold, noise)} |")
+    lines += ["", f"![attention]({plots['attention'].name})", "",
+              "## Training time (s per run, the training loop as recorded in run.json)", "",
               "| model | seconds |", "|---|---|"]
     for label, secs in train_seconds.items():
         lines.append(f"| {label} | {_fmt(secs, 1)} |")

@@ -1,10 +1,11 @@
 """The embedded tiny model: a small Llama pretrained on the synthetic tasks, built once and cached on disk.
 
 Nothing can be downloaded where this runs, so the tool builds its own base model: a word-level tokenizer over the
-synthetic vocabulary and a Llama-architecture model pretrained (seeded, deterministic, about 6 minutes on one CPU
-thread) on a mix of plain documents, noisy-context QA with 0-1 distractors, and passkey retrieval. It is meant to
-answer well from the gold document alone and to be hurt by many similar distractors, so that denoising methods have
-room to help. The result is an ordinary checkpoint directory::
+synthetic vocabulary and a Llama-architecture model pretrained (seeded, deterministic, about 4.5 minutes on two CPU
+threads) on an induction drill first, then a mix of plain documents, noisy-context QA with 0-1 distractors, the
+drill, and passkey retrieval. It is meant to answer well from the gold document alone, to look documents up by the
+full name, and to be hurt by many similarly named distractors, so that denoising methods have room to help. The
+result is an ordinary checkpoint directory::
 
     path = tiny_model_path()          # builds on first use, then reuses the cache
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -78,7 +79,10 @@ class TinyConfig:
     #   trained on. Longer passkeys (320), plain texts (12 documents) and repeats (96 words) remove that failure:
     #   1.0 / 0.995 / 0.985 / 0.63, the errors at 0.9 being values of the asked kind taken from similarly named
     #   distractors (the noise this tool is about), and needle retrieval is exact up to 256 tokens. 4 layers with
-    #   the same data: 1.0 / 1.0 / 0.475 / 0.0. That build takes ~450 s on one thread.
+    #   the same data: 1.0 / 1.0 / 0.475 / 0.0. That build takes ~450 s on one thread, ~275 s on two.
+    # * QA distractors in pretraining are what teach the lookup: with none (distractor_weights (1.0,)) the model is
+    #   back at chance (1.0 / 0.56 / 0.195 / 0.06); with fewer ((0.85, 0.15)) it is a little more fragile (1.0 /
+    #   0.995 / 0.95 / 0.54).
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
