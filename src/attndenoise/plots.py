@@ -121,6 +121,9 @@ def plot_attention_to_gold(measures: Mapping[str, AttentionMeasures], path: str 
         ax.plot(m.layers, m.gold, marker="o", color=color, label=f"{label}: gold")
         ax.plot(m.layers, m.noise, marker="x", linestyle="--", color=color, label=f"{label}: noise")
     ax.axhline(0.0, color="grey", linewidth=0.8)
+    # Layers are integers: label each one (matplotlib would otherwise put ticks at 0.2, 0.4, ... on a 2-layer model).
+    layers = sorted({int(i) for m in measures.values() for i in m.layers})
+    ax.set_xticks(layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("attention mass (mean over heads)")
     ax.set_title(title or "Attention to gold vs noise per layer")
