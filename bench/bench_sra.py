@@ -9,8 +9,9 @@
 Prefill = ``model(ids, use_cache=True, logits_to_keep=1)`` under ``torch.no_grad()``, batch 1, on a tiny random
 Llama (hidden 256, 4 layers, 8 heads, 4 kv heads; query/key projections scaled x4 so the maps are peaky and the rule
 edits), with the authors' default SRA constants (b=100, t=200, alpha 0.5/0.3, strengthen 4).
-Every configuration runs in its own subprocess: peak memory is ``ru_maxrss`` of that process minus its resident size
-right before the timed prefill (the model, the input and a short warm-up are already there). A configuration whose
+Every configuration runs in its own subprocess: peak memory is that process's resident-size high-water mark, reset
+right before the timed prefill, minus its resident size at that point (the model, the input and a short warm-up are
+already there). A configuration whose
 full maps alone would not fit in memory is skipped and reported as such.
 
     python bench/bench_sra.py [--lengths 2048 8192 16384] [--repeats 2] [--threads 1]
@@ -23,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from attndenoise.benchmark import machine_info, write_section
+from attndenoise.benchmark import machine_info, peak_rss_kib, reset_peak_rss, rss_kib, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
@@ -38,12 +38,6 @@ MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_ke
 VARIANTS = ("stock", "sra", "full-map")
 #: float32 copies of one layer's (heads x n x n) map the eager path holds at its peak (scores/softmax/edited copy)
 FULL_MAP_COPIES = 3
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def _available_kib() -> int:
@@ -83,14 +77,17 @@ def worker(variant: str, length: int, repeats: int, threads: int) -> dict:
 
     with torch.no_grad():  # warm-up on a short prompt (kernels, allocator); long enough for the SRA rule
         model(ids[:, :512], use_cache=True, logits_to_keep=1)
-    base = _rss_kib()
+    base = rss_kib()
+    # Reset the kernel's high-water mark so only the measured prefill's peak counts (not the warm-up's); where that
+    # is impossible, fall back to ru_maxrss, which also holds any earlier peak of this fresh process.
+    reset = reset_peak_rss()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         logits = prefill()
         times.append(time.perf_counter() - t0)
         if len(times) == 1:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+            peak = (peak_rss_kib() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) - base
     return {"variant": variant, "length": length, "time_s": min(times), "peak_mib": peak / 1024,
             "logits": logits[0, -1].tolist()}
 
@@ -167,8 +164,9 @@ def main() -> None:
         f"({platform.machine()}, {a.threads} thread{'s' if a.threads > 1 else ''}), default SRA constants "
         "(b=100, t=200)\n\n"
         f"Machine: {machine_info(a.threads)}.\n\n"
-        "Peak memory: `ru_maxrss` of a fresh process per configuration minus its resident size right before the "
-        "prefill (model, input and a warm-up already resident). Time: best of "
+        "Peak memory: the kernel's resident-size high-water mark (`VmHWM`, reset right before the prefill) of a "
+        "fresh process per configuration, minus its resident size at that point (model, input and a warm-up "
+        "already resident). Time: best of "
         f"{a.repeats} prefills (full-map: 1). `full-map` is the same rule on the full n x n map of every layer "
         "(`attndenoise.reference_mode`); the last column compares the last-token logits with it.\n\n"
         + table(rows, a.lengths)

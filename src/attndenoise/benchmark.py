@@ -79,7 +79,7 @@ def machine_info(threads: int) -> str:
             f"transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
-def _rss_kib() -> int:
+def rss_kib() -> int:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024
@@ -193,7 +193,7 @@ def step_times(labels: Sequence[str], length: int, rounds: int, *, warmup: int =
     return out
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's resident-size high-water mark (``VmHWM``) of this process; False where not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -203,7 +203,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_kib() -> int:
+def peak_rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -223,10 +223,10 @@ def step_peak_mib(label: str, length: int) -> float:
 
     t = _Trainer(label, length)
     t.step(t.x[:, :16])
-    base = _rss_kib()
-    reset = _reset_peak_rss()
+    base = rss_kib()
+    reset = reset_peak_rss()
     t.step()
-    peak = _peak_rss_kib() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (peak - base) / 1024
 
 
