@@ -359,11 +359,11 @@ def test_decoding_steps_are_stock_over_the_sra_cache(family: str) -> None:
     with torch.no_grad():
         pre = model(x, use_cache=True)
         caches = [copy.deepcopy(pre.past_key_values) for _ in range(4)]
-        sra_one = model(nxt[:, :1], past_key_values=caches[0], use_cache=True).logits
-        sra_chunk = model(nxt, past_key_values=caches[1], use_cache=True).logits
+        sra_one = model(nxt[:, :1], cache=caches[0], use_cache=True).logits
+        sra_chunk = model(nxt, cache=caches[1], use_cache=True).logits
         ad.remove(model)
-        stock_one = model(nxt[:, :1], past_key_values=caches[2], use_cache=True).logits
-        stock_chunk = model(nxt, past_key_values=caches[3], use_cache=True).logits
+        stock_one = model(nxt[:, :1], cache=caches[2], use_cache=True).logits
+        stock_chunk = model(nxt, cache=caches[3], use_cache=True).logits
         stock_prefill = model(x).logits
     assert (pre.logits - stock_prefill).abs().max() > 1e-3  # the prefill was edited
     torch.testing.assert_close(sra_one, stock_one, atol=1e-6, rtol=1e-6)
@@ -381,7 +381,7 @@ def test_generate_is_sra_prefill_then_stock_decoding(family: str) -> None:
         tokens = [out.logits[:, -1].argmax(-1)]
         cache = out.past_key_values
         for _ in range(5):
-            out = model(tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            out = model(tokens[-1][:, None], cache=cache, use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1))
             cache = out.past_key_values
     assert gen.shape == (1, N + 6)
