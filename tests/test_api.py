@@ -243,7 +243,8 @@ def test_gradient_checkpointing_matches() -> None:
     loss.backward()
     g1 = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_activation_checkpointing  # the check below must compare a checkpointed run
     loss2 = model(x, labels=x).loss
     loss2.backward()
     g2 = [p.grad for p in model.parameters() if p.requires_grad]
