@@ -251,3 +251,14 @@ def test_gradient_checkpointing_matches() -> None:
     assert torch.allclose(loss, loss2)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_import_does_not_load_the_trainer() -> None:
+    # transformers' Trainer pulls in peft, accelerate and datasets (seconds); applying a method must not pay for it.
+    import subprocess
+    import sys
+
+    code = ("import sys, attndenoise as ad; heavy = [m for m in ('transformers.trainer', 'peft', 'datasets') "
+            "if m in sys.modules]; assert not heavy, heavy; from transformers import TrainerCallback; "
+            "assert issubclass(ad.LambdaCallback, TrainerCallback)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -234,9 +234,9 @@ class _Mixture:
         if u < c.mix_qa + c.mix_repeat:
             return self.repeat()
         if u < c.mix_qa + c.mix_repeat + c.mix_passkey:
-            # Every token is a target: after the first filler cycle the text repeats, and the pass key appears twice
-            # before the answer, so most tokens are predictable by copying. That dense signal grows the copying
-            # (induction) heads the QA task also needs, much faster than answers alone.
+            # Every token is a target. The filler is a fixed cycle of five sentences (learnt as plain text); the pass
+            # key, stated twice before the question, is the part only copying predicts. It is too sparse to grow
+            # copying heads on its own (version 1 never did, see TinyConfig): the repeat drill does that.
             length = r.randint(c.passkey_min_len, c.passkey_max_len)
             ex = SyntheticQA.needle(length, r.random(), seed=r.randrange(2**31))
             feats = encode_for_training(ex, self.tokenizer).features()
@@ -257,8 +257,9 @@ class _Mixture:
     def repeat(self) -> dict[str, list[int]]:
         """Induction drill: a random word string, then the same string again. Only the repeat is predictable, and
         only by finding the earlier occurrence of the current word and copying its successor: the match-and-copy
-        circuit that document lookup is built from. Measured here: the QA mixture alone never grew it in 1600 steps
-        (a repeat is predicted ~1% of the time, chance), a pure stream of this drill grows it in ~600-800 steps."""
+        circuit that document lookup is built from. Measured here: the version-1 mixture (QA, passkeys, plain text)
+        never grew it in 1600 steps (a repeat was predicted ~1% of the time); a pure stream of this drill grows it in
+        ~600-800 steps."""
         c, r = self.config, self.rng
         n = r.randint(c.repeat_min_len, c.repeat_max_len)
         seq = [r.choice(self.words) for _ in range(n)]
