@@ -50,6 +50,7 @@ def test_demo_runs_every_row_and_reports_what_it_measured(tmp_path: Path) -> Non
     assert any(line.startswith("| daa | base |") for line in text.splitlines())
     assert any(line.startswith("| none | base |") for line in text.splitlines())
     assert "daa lambda_schedule=linear" in text
+    assert "SRA runs on the base model with alpha_inter=0.25" in text
     run = json.loads((out / "runs" / "seed0" / "daa" / "run.json").read_text())
     assert run["config"]["method_options"]["lambda_schedule"] == "linear"
     # Training time is the training loop's, read from each seed's run.json.
