@@ -177,9 +177,10 @@ def _load_base(path: Path) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int, run_dir: Path) -> tuple[nn.Module, Any]:
-    """A trained model for ``label`` and its tokenizer: reuse a finished run with the same settings, else train it
-    now."""
+def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int,
+                    run_dir: Path) -> tuple[nn.Module, Any, dict[str, Any], bool]:
+    """A trained model for ``label``, its tokenizer, the run's ``run.json`` content and whether the run was reused:
+    reuse a finished run with the same settings, else train it now."""
     tconf = TrainConfig(
         model=str(base), method=label, data="synthetic", out=str(run_dir), noise=cfg.train_noise,
         noise_mix=None if cfg.train_noise_mix is None else [float(r) for r in cfg.train_noise_mix], steps=cfg.steps,
@@ -189,15 +190,16 @@ def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int, run_dir:
     )
     run_file = run_dir / RUN_FILE
     if run_file.exists():
-        recorded = json.loads(run_file.read_text()).get("config", {})
+        run = json.loads(run_file.read_text())
+        recorded = run.get("config", {})
         wanted = {k: v for k, v in tconf.to_dict().items() if k not in ("progress", "resume")}
         if all(recorded.get(k) == v for k, v in wanted.items()):
             model, tokenizer = _load_base(base)
-            return load_trained(model, run_dir).eval(), tokenizer
+            return load_trained(model, run_dir).eval(), tokenizer, run, True
         raise FileExistsError(f"{run_dir} holds a run with other settings; remove it or choose another --out")
     model, tokenizer = _load_base(base)
     result = train(tconf, model=model, tokenizer=tokenizer)
-    return result.model.eval(), tokenizer
+    return result.model.eval(), tokenizer, result.run, False
 
 
 def _method_options(cfg: DemoConfig, label: str) -> dict[str, Any]:
@@ -252,13 +254,12 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
                 apply(model, registry.config_for(label, **cfg.sra_options if label == "sra" else {}))
             else:
                 _log(progress, f"seed {seed}: training {label} ({cfg.steps} steps)")
-                run_dir = out / "runs" / f"seed{seed}" / label
-                reused += (run_dir / RUN_FILE).exists()
-                model, tokenizer = _train_or_reuse(cfg, base, label, seed, run_dir)
+                model, tokenizer, run, was_reused = _train_or_reuse(
+                    cfg, base, label, seed, out / "runs" / f"seed{seed}" / label)
+                reused += was_reused
                 # The training loop's own time, recorded in run.json: the same whether this call trained the run or
                 # reused it (wall time here would mix training with a reload).
-                recorded = json.loads((run_dir / RUN_FILE).read_text())["seconds"]
-                train_seconds.setdefault(label, []).append(float(recorded))
+                train_seconds.setdefault(label, []).append(float(run["seconds"]))
             _log(progress, f"seed {seed}: evaluating {label}")
             with torch.no_grad():
                 res = evaluate_model(
