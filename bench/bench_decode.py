@@ -107,9 +107,7 @@ def main() -> None:
     )
     print(md)
     if not a.quick:
-        (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-        (ROOT / "bench" / "results" / "decode.md").write_text(md)
-        B.write_section("decode", md, ROOT / "BENCHMARKS.md")
+        B.publish("decode", md, ROOT)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from attndenoise.benchmark import machine_info, peak_rss_kib, reset_peak_rss, rss_kib, write_section
+from attndenoise.benchmark import machine_info, peak_rss_kib, publish, reset_peak_rss, rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
@@ -174,9 +174,7 @@ def main() -> None:
     )
     print(md)
     if not a.quick:
-        (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-        (ROOT / "bench" / "results" / "sra.md").write_text(md)
-        write_section("sra", md, ROOT / "BENCHMARKS.md")
+        publish("sra", md, ROOT)
 
 
 if __name__ == "__main__":

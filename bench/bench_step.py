@@ -114,9 +114,7 @@ def main() -> None:
     )
     print(md)
     if not a.quick:
-        (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-        (ROOT / "bench" / "results" / "step.md").write_text(md)
-        B.write_section("step", md, ROOT / "BENCHMARKS.md")
+        B.publish("step", md, ROOT)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import re
 import time
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -26,3 +27,16 @@ def test_bench_rejects_unknown_and_inference_only_methods() -> None:
     for name in ("no-such-method", "sra"):
         result = CliRunner().invoke(app, ["bench", name, "--quick", "--no-memory", "--no-decode"])
         assert result.exit_code != 0
+
+
+def test_publish_writes_the_result_file_and_replaces_only_its_section(tmp_path: Path) -> None:
+    from attndenoise.benchmark import publish
+
+    (tmp_path / "BENCHMARKS.md").write_text(
+        "# Benchmarks\n\nintro\n\n<!-- bench:x -->\nold\n\n<!-- /bench:x -->\n\nafter\n")
+    publish("x", "new table\n", tmp_path)
+    publish("y", "other\n", tmp_path)
+    assert (tmp_path / "bench" / "results" / "x.md").read_text() == "new table\n"
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert text == ("# Benchmarks\n\nintro\n\n<!-- bench:x -->\nnew table\n\n<!-- /bench:x -->\n\nafter\n\n"
+                    "<!-- bench:y -->\nother\n\n<!-- /bench:y -->\n")

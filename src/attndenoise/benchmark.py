@@ -329,6 +329,15 @@ def write_section(name: str, body: str, path: Path) -> None:
     path.write_text(text)
 
 
+def publish(name: str, md: str, root: Path) -> None:
+    """Write a benchmark's table to ``bench/results/<name>.md`` and to its section of ``BENCHMARKS.md`` under
+    ``root`` (the repository)."""
+    results = root / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.md").write_text(md)
+    write_section(name, md, root / "BENCHMARKS.md")
+
+
 def fmt_ratio(x: float, limit: float | None = None) -> str:
     """``1.07``, with a mark when over ``limit``."""
     s = f"{x:.2f}"
