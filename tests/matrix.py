@@ -7,8 +7,9 @@ Method files keep their own parametrisation and add what is specific to them aro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from models import inputs, tiny
@@ -27,6 +28,23 @@ def randomize(model: torch.nn.Module, seed: int = 5) -> None:
                     p.copy_(0.2 + 0.6 * torch.rand(p.shape, generator=g))
                 else:
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def method_config(variants: Mapping[str, tuple[str, dict[str, Any]]], variant: str, **extra: Any) -> ad.MethodConfig:
+    """The config of a named test variant (``variants[variant] = (method, options)``) with ``extra`` on top."""
+    name, opts = variants[variant]
+    return ad.config_for(name, **{**opts, **extra})
+
+
+def patched_model(variants: Mapping[str, tuple[str, dict[str, Any]]], family: str, variant: str, random: bool = True,
+                  **extra: Any) -> torch.nn.Module:
+    """A tiny ``family`` model with the variant applied at ``anneal_steps=0`` (lambda = its learned value), its
+    method parameters randomized unless ``random`` is False."""
+    model = tiny(family)
+    ad.apply(model, method_config(variants, variant, anneal_steps=0, **extra))
+    if random:
+        randomize(model)
+    return model
 
 
 def left_pad(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,6 +69,15 @@ def incremental_logits(model, ids: torch.Tensor, start: int, mask: torch.Tensor 
         steps.append(out.logits)
         cache = out.past_key_values
     return torch.cat(steps, 1)
+
+
+def check_causality(model: torch.nn.Module) -> None:
+    """A prefix's logits equal the full sequence's logits on the prefix: no position sees a later one."""
+    x = inputs(length=14)
+    with torch.no_grad():
+        full = model(x).logits
+        prefix = model(x[:, :9]).logits
+    torch.testing.assert_close(prefix, full[:, :9], atol=1e-5, rtol=1e-5)
 
 
 def check_generate_cache_equals_no_cache(model: torch.nn.Module) -> None:

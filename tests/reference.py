@@ -149,24 +149,61 @@ def rope(attn: torch.nn.Module, x: torch.Tensor, pos: tuple[torch.Tensor, torch.
     return fn(x, x, pos[0], pos[1])[0]
 
 
+def _fused_slices(model: torch.nn.Module, attn: torch.nn.Module) -> dict[str, slice]:
+    """Where Q, K and V sit in a fused projection (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``)."""
+    cfg = model.config
+    h = cfg.num_attention_heads
+    d = attn.head_dim
+    hkv = getattr(cfg, "num_key_value_heads", None) or h
+    return {"q": slice(0, h * d), "k": slice(h * d, h * d + hkv * d), "v": slice(h * d + hkv * d, h * d + 2 * hkv * d)}
+
+
+def _read_projection(attn: torch.nn.Module, sl: dict[str, slice], which: str) -> torch.Tensor:
+    """A copy of projection ``which``'s weight as (out, in), whatever the family's layout."""
+    if hasattr(attn, f"{which}_proj"):
+        return getattr(attn, f"{which}_proj").weight.clone()
+    if hasattr(attn, "qkv_proj"):
+        return attn.qkv_proj.weight[sl[which]].clone()
+    return attn.c_attn.weight[:, sl[which]].t().clone()  # GPT-2 Conv1D stores (in, out)
+
+
+def _write_projection(attn: torch.nn.Module, sl: dict[str, slice], which: str, w: torch.Tensor,
+                      b: torch.Tensor | None = None, *, bias: bool = False) -> None:
+    """Write projection ``which``'s weight ``w`` (out, in) and, with ``bias``, its bias ``b`` into the family's
+    layout (Phi-3's fused projection has no bias: asserted when a bias is to be written)."""
+    if hasattr(attn, f"{which}_proj"):
+        lin = getattr(attn, f"{which}_proj")
+        lin.weight.copy_(w)
+        if bias and lin.bias is not None:
+            lin.bias.copy_(b)
+    elif hasattr(attn, "qkv_proj"):
+        attn.qkv_proj.weight[sl[which]] = w
+        if bias:
+            assert attn.qkv_proj.bias is None
+    else:  # GPT-2 Conv1D (in, out)
+        attn.c_attn.weight[:, sl[which]] = w.t()
+        if bias:
+            attn.c_attn.bias[sl[which]] = b
+
+
 def set_projection(model: torch.nn.Module, layer: int, which: str, fn: Any) -> torch.nn.Module:
     """A deep copy of ``model`` whose layer ``layer`` projection ``which`` (q/k/v) weight W (out, in) is replaced
     by ``fn(W)`` -- the stock model then computes e.g. ``(X W_D) W_Q`` for us."""
     m = copy.deepcopy(model)
     attn = attention_modules(m)[layer]
-    cfg = m.config
-    h = cfg.num_attention_heads
-    d = attn.head_dim
-    hkv = getattr(cfg, "num_key_value_heads", None) or h
-    sl = {"q": slice(0, h * d), "k": slice(h * d, h * d + hkv * d), "v": slice(h * d + hkv * d, h * d + 2 * hkv * d)}
+    sl = _fused_slices(m, attn)
     with torch.no_grad():
-        if hasattr(attn, f"{which}_proj"):
-            w = getattr(attn, f"{which}_proj").weight
-            w.copy_(fn(w.clone()))
-        elif hasattr(attn, "qkv_proj"):
-            w = attn.qkv_proj.weight
-            w[sl[which]] = fn(w[sl[which]].clone())
-        else:  # GPT-2 Conv1D stores (in, out)
-            w = attn.c_attn.weight
-            w[:, sl[which]] = fn(w[:, sl[which]].t().clone()).t()
+        _write_projection(attn, sl, which, fn(_read_projection(attn, sl, which)))
+    return m
+
+
+def with_qk(model: torch.nn.Module, layer: int, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
+            bk: torch.Tensor | None) -> torch.nn.Module:
+    """A deep copy of the stock ``model`` whose layer ``layer`` uses the given W_Q/b_Q and W_K/b_K ((out, in))."""
+    m = copy.deepcopy(model)
+    attn = attention_modules(m)[layer]
+    sl = _fused_slices(m, attn)
+    with torch.no_grad():
+        for which, w, b in (("q", wq, bq), ("k", wk, bk)):
+            _write_projection(attn, sl, which, w, b, bias=True)
     return m

@@ -8,16 +8,19 @@ projection weights were changed so that it computes the SPEC formula for us (Dif
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 from matrix import (
+    check_causality,
     check_generate_cache_equals_no_cache,
     check_gradients_reach_only_method_parameters,
     check_left_padding,
     check_remove_restores_stock,
     check_save_load_round_trip,
-    randomize,
+    method_config,
+    patched_model,
     rewrite_adapter,
 )
 from models import FAMILIES, VOCAB, inputs, tiny
@@ -46,17 +49,8 @@ VARIANTS = {
 ATOL = 2e-5
 
 
-def make(variant: str, **extra):  # type: ignore[no-untyped-def]
-    name, opts = VARIANTS[variant]
-    return ad.config_for(name, **{**opts, **extra})
-
-
-def patched(family: str, variant: str, random: bool = True, **extra):  # type: ignore[no-untyped-def]
-    model = tiny(family)
-    ad.apply(model, make(variant, anneal_steps=0, **extra))
-    if random:
-        randomize(model)
-    return model
+make = partial(method_config, VARIANTS)
+patched = partial(patched_model, VARIANTS)
 
 
 #: every variant: identity and the SPEC reference
@@ -146,12 +140,7 @@ def test_fused_matches_spec_reference(family: str, variant: str) -> None:
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_causality(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    x = inputs(length=14)
-    with torch.no_grad():
-        full = model(x).logits
-        prefix = model(x[:, :9]).logits
-    torch.testing.assert_close(prefix, full[:, :9], atol=1e-5, rtol=1e-5)
+    check_causality(patched(family, variant))
 
 
 @pytest.mark.parametrize("family,variant", MATRIX)

@@ -8,23 +8,25 @@ options (head pairing, output RMSNorm, (1 - lambda_init), re-parameterised lambd
 
 from __future__ import annotations
 
-import copy
 import math
+from functools import partial
 
 import pytest
 import torch
 from matrix import (
+    check_causality,
     check_generate_cache_equals_no_cache,
     check_gradients_reach_only_method_parameters,
     check_left_padding,
     check_remove_restores_stock,
     check_save_load_round_trip,
     left_pad,
-    randomize,
+    method_config,
+    patched_model,
     rewrite_adapter,
 )
 from models import FAMILIES, VOCAB, inputs, tiny
-from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out
+from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out, with_qk
 
 import attndenoise as ad
 
@@ -42,17 +44,8 @@ RETROFIT = ["diff", "diff_reparam"]
 ATOL = 2e-5
 
 
-def make(variant: str, **extra):  # type: ignore[no-untyped-def]
-    name, opts = VARIANTS[variant]
-    return ad.config_for(name, **{**opts, **extra})
-
-
-def patched(family: str, variant: str, random: bool = True, **extra):  # type: ignore[no-untyped-def]
-    model = tiny(family)
-    ad.apply(model, make(variant, anneal_steps=0, **extra))
-    if random:
-        randomize(model)
-    return model
+make = partial(method_config, VARIANTS)
+patched = partial(patched_model, VARIANTS)
 
 
 def lambda_of(m) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -62,31 +55,6 @@ def lambda_of(m) -> torch.Tensor:  # type: ignore[no-untyped-def]
         dot = [(getattr(lam, f"lambda_q{i}").double() * getattr(lam, f"lambda_k{i}").double()).sum(-1) for i in (1, 2)]
         return (torch.exp(dot[0]) - torch.exp(dot[1]) + lam.lambda_init).detach()
     return lam.lambda_learn.detach().double()
-
-
-def with_qk(model, layer: int, wq, bq, wk, bk):  # type: ignore[no-untyped-def]
-    """A deep copy of the stock ``model`` whose layer ``layer`` uses the given W_Q/b_Q and W_K/b_K ((out, in))."""
-    m = copy.deepcopy(model)
-    attn = attention_modules(m)[layer]
-    cfg = m.config
-    h = cfg.num_attention_heads
-    d = attn.head_dim
-    hkv = getattr(cfg, "num_key_value_heads", None) or h
-    sl = {"q": slice(0, h * d), "k": slice(h * d, h * d + hkv * d)}
-    with torch.no_grad():
-        for which, w, b in (("q", wq, bq), ("k", wk, bk)):
-            if hasattr(attn, f"{which}_proj"):
-                lin = getattr(attn, f"{which}_proj")
-                lin.weight.copy_(w)
-                if lin.bias is not None:
-                    lin.bias.copy_(b)
-            elif hasattr(attn, "qkv_proj"):
-                attn.qkv_proj.weight[sl[which]] = w
-                assert attn.qkv_proj.bias is None
-            else:  # GPT-2 Conv1D (in, out)
-                attn.c_attn.weight[:, sl[which]] = w.t()
-                attn.c_attn.bias[sl[which]] = b
-    return m
 
 
 def norm_eps(model) -> float:  # type: ignore[no-untyped-def]
@@ -190,12 +158,7 @@ MATRIX = [(f, v) for f in FAMILIES for v in ("diff", "diff_reparam", "diff_scrat
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_causality(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    x = inputs(length=14)
-    with torch.no_grad():
-        full = model(x).logits
-        prefix = model(x[:, :9]).logits
-    torch.testing.assert_close(prefix, full[:, :9], atol=1e-5, rtol=1e-5)
+    check_causality(patched(family, variant))
 
 
 @pytest.mark.parametrize("family,variant", MATRIX)

@@ -9,21 +9,25 @@ padding, cache cropping, beam search and a 16-bit cache.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from matrix import (
+    check_causality,
     check_gradients_reach_only_method_parameters,
     check_left_padding,
     check_remove_restores_stock,
     check_save_load_round_trip,
     incremental_logits,
     left_pad,
-    randomize,
+    method_config,
+    patched_model,
     rewrite_adapter,
 )
 from models import FAMILIES, inputs, tiny
-from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out, rope
-from test_diff import lambda_of, with_qk
+from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out, rope, with_qk
+from test_diff import lambda_of
 from transformers import DynamicCache
 
 import attndenoise as ad
@@ -38,17 +42,8 @@ VARIANTS = {
 ATOL = 2e-5
 
 
-def make(variant: str, **extra):  # type: ignore[no-untyped-def]
-    name, opts = VARIANTS[variant]
-    return ad.config_for(name, **{**opts, **extra})
-
-
-def patched(family: str, variant: str, random: bool = True, **extra):  # type: ignore[no-untyped-def]
-    model = tiny(family)
-    ad.apply(model, make(variant, anneal_steps=0, **extra))
-    if random:
-        randomize(model)
-    return model
+make = partial(method_config, VARIANTS)
+patched = partial(patched_model, VARIANTS)
 
 
 # -- identity at init ---------------------------------------------------------------------------------------------
@@ -163,12 +158,7 @@ MATRIX = [(f, v) for f in FAMILIES for v in CAUSAL]
 
 @pytest.mark.parametrize("family,variant", MATRIX)
 def test_causality(family: str, variant: str) -> None:
-    model = patched(family, variant)
-    x = inputs(length=14)
-    with torch.no_grad():
-        full = model(x).logits
-        prefix = model(x[:, :9]).logits
-    torch.testing.assert_close(prefix, full[:, :9], atol=1e-5, rtol=1e-5)
+    check_causality(patched(family, variant))
 
 
 @pytest.mark.parametrize("family,variant", MATRIX)
