@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from typing import Any
 from unittest import mock
 
@@ -27,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import attndenoise as ad
 from attndenoise import ConfigError
+from attndenoise.methods.sra import ShortPromptWarning
 
 LAYERS = 4
 N = 60
@@ -77,17 +79,19 @@ _DEFAULTS = dict(b=100, t=200, dynamic_t=False, dynamic_div=20.0, alpha_inter=0.
 
 
 def _blocks(n: int, layer: int, o: dict[str, Any]) -> list[tuple[range, range, float, float]]:
-    """SPEC 8 'Which rows and keys', transcribed: (rows, target keys, tau, strengthen factor)."""
+    """SPEC 8 'Which rows and keys', transcribed: (rows, target keys, tau, strengthen factor). As in the authors'
+    get_attention_block_inter / _outer, a rule gives no block when the prompt is too short for it, independently of
+    the other rule."""
     L, b = LAYERS, o["b"]
     t = int(n / o["dynamic_div"]) if o["dynamic_t"] else o["t"]
     out = []
-    if o["inter"] and layer <= L - 2:
+    if o["inter"] and layer <= L - 2 and n > b + t + 3:
         c = math.ceil((n - b - t - 3) / (L + 3))
         s = (layer + 3) * c + b + 3
         e = min(s + c, n - t)
         out.append((range(s, e), range(s - 3 * (e - s), s - 2 * (e - s)), o["alpha_inter"] / (s - b),
                     o["strengthen_inter"]))
-    if o["outer"] and 1 <= layer <= L - 2:
+    if o["outer"] and 1 <= layer <= L - 2 and n > t + 3:
         c2 = math.ceil((n - t - 3) / (L + 3))
         start = (layer + 2) * c2 + 3
         end = min(start + c2, n - t)
@@ -154,6 +158,7 @@ def test_registered_without_parameters() -> None:
     assert (cfg.b, cfg.t, cfg.alpha_inter, cfg.alpha_outer, cfg.strengthen_inter, cfg.strengthen_outer) == (
         100, 200, 0.5, 0.3, 4.0, 4.0)  # the authors' init_sra
     assert cfg.layers == "all" and cfg.inter and cfg.outer and not cfg.dynamic_t and cfg.dynamic_div == 20
+    assert cfg.short_prompt == "skip"  # a rule too short for the prompt is skipped, as in the authors' code
     model = ad.apply(deep("llama"), cfg)
     assert not any(True for m in ad.method_modules(model).values() for _ in m.parameters())
     assert not any(p.requires_grad for p in model.parameters())
@@ -290,28 +295,134 @@ def test_padded_batch_equals_per_example(family: str, dynamic: bool) -> None:
     torch.testing.assert_close(out[0].double(), ref[0].double(), atol=ATOL, rtol=1e-4)
 
 
-# -- prompt-dependent errors ----------------------------------------------------------------------------------------
+# -- short prompts: each rule runs when it fits, else it is skipped (one warning) or raises -------------------------
 
 
-def test_short_prompt_raises_or_is_skipped() -> None:
+def test_short_prompt_raises_with_error_option() -> None:
     model = deep("llama")
     x = inputs(batch=1, length=11)
-    ad.apply(model, sra())  # needs n > b + t + 3 = 11
+    ad.apply(model, sra(short_prompt="error"))  # needs n > b + t + 3 = 11
     with pytest.raises(ValueError, match=r"example 0 has 11 valid prompt tokens.*b \+ t \+ 3 = 11"), torch.no_grad():
         model(x)
     ad.remove(model)
-    ad.apply(model, sra(t=40))  # t longer than the prompt
+    ad.apply(model, sra(t=40, short_prompt="error"))  # t longer than the prompt
     with pytest.raises(ValueError, match="inter rule needs more than"), torch.no_grad():
         model(x)
     ad.remove(model)
-    ad.apply(model, sra(inter=False, t=8))  # the outer rule alone needs n > t + 3
+    ad.apply(model, sra(inter=False, t=8, short_prompt="error"))  # the outer rule alone needs n > t + 3
     with pytest.raises(ValueError, match=r"outer rule needs more than t \+ 3 = 11"), torch.no_grad():
         model(x)
     ad.remove(model)
     with torch.no_grad():
         want = model(x).logits
-        ad.apply(model, sra(short_prompt="skip"))
-        assert torch.equal(model(x).logits, want)
+        ad.apply(model, sra(short_prompt="skip"))  # n = 11: no inter rule; the outer blocks are empty (c' = 1)
+        with pytest.warns(ShortPromptWarning):
+            assert torch.equal(model(x).logits, want)
+
+
+def test_library_defaults_raise_on_a_short_prompt_with_error_option() -> None:
+    """short_prompt='error': the library defaults (b=100, t=200) refuse a 60-token prompt, in a forward and in
+    generate, with a message naming the example, the rule, its bound and the way out."""
+    model = deep("llama")
+    ad.apply(model, ad.config_for("sra", short_prompt="error"))
+    x = inputs(batch=1, length=N)
+    msg = r"example 0 has 60 valid prompt tokens; the inter rule needs more than b \+ t \+ 3 = 303 .*'skip'"
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=msg):
+            model(x)
+        with pytest.raises(ValueError, match=msg):
+            model.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def _sra_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, ShortPromptWarning)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_outer_rule_alone_when_too_short_for_inter(family: str) -> None:
+    """t + 3 < n <= b + t + 3 (b=60, t=6, n=60: 9 < 60 <= 69): the outer rule runs, the inter rule does not (the
+    authors' code does the same); compared with the literal reference."""
+    opts = dict(b=60, t=6)
+    model = deep(family)
+    x = inputs(batch=1, length=N)
+    REF["opts"] = dict(opts)
+    ref = reference_run(model, x).logits
+    assert {k[0] for k in REF["removed"]} == {1, 2}  # the outer layers edit ...
+    assert all(k[3] >= N - opts["t"] for k in REF["removed"])  # ... their last t rows only: no inter rows
+    with torch.no_grad():
+        stock = model(x).logits
+        ad.apply(model, sra(**opts))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = model(x).logits
+    assert (got - stock).abs().max() > 1e-3  # not the stock model: the outer rule ran
+    torch.testing.assert_close(got.double(), ref.double(), atol=ATOL, rtol=1e-4)
+    [msg] = _sra_warnings(caught)
+    assert "inter rule (needs n > b + t + 3 = 69)" in msg and "outer rule" not in msg
+
+
+def test_library_defaults_on_a_250_token_prompt() -> None:
+    """The library defaults (b=100, t=200) on a 250-token prompt: 203 < 250 <= 303, so the outer rule alone runs
+    (rows 50..249 toward chunks of 7 keys) where this used to raise."""
+    model = deep("llama")
+    x = inputs(batch=1, length=250, seed=2)
+    REF["opts"] = {}  # the reference's defaults are the authors' init_sra
+    ref = reference_run(model, x).logits
+    assert REF["removed"] and all(k[3] >= 50 for k in REF["removed"])
+    with torch.no_grad():
+        stock = model(x).logits
+        ad.apply(model, ad.config_for("sra"))
+        with pytest.warns(ShortPromptWarning, match="inter rule"):
+            got = model(x).logits
+    assert (got - stock).abs().max() > 1e-3
+    torch.testing.assert_close(got.double(), ref.double(), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+def test_prompt_fitting_no_rule_is_the_stock_model(family: str) -> None:
+    """The library defaults on a 60-token prompt (n <= t + 3 = 203): exactly the stock logits, and greedy generation
+    identical to the stock model's; one warning for all of it."""
+    model = deep(family)
+    x = inputs(batch=1, length=N)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want, want_gen = model(x).logits, model.generate(x, **kw)
+        ad.apply(model, ad.config_for("sra"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = model(x).logits
+            gen = model.generate(x, **kw)
+            model(inputs(batch=1, length=40, seed=7))
+    assert torch.equal(got, want)
+    assert gen.shape == (1, N + 6) and torch.equal(gen, want_gen)
+    [msg] = _sra_warnings(caught)  # once: not per layer, per step, per call or per prompt
+    assert "example 0 has 60 valid prompt tokens" in msg
+    assert "inter rule (needs n > b + t + 3 = 303)" in msg and "outer rule (needs n > t + 3 = 203)" in msg
+    assert "short_prompt='error'" in msg
+
+
+def test_short_prompt_warning_is_once_per_configuration() -> None:
+    model = deep("llama")
+    cfg = sra(b=60)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ad.apply(model, sra())
+        with torch.no_grad():
+            model(inputs(batch=1, length=N))  # fits both rules: silent
+            model.generate(inputs(batch=1, length=N), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert _sra_warnings(caught) == []
+        ad.remove(model)
+        ad.apply(model, cfg)
+        with torch.no_grad():
+            for length in (N, N - 5, 8, N):  # too short for inter, then (n = 8 <= t + 3) for both: still one warning
+                model(inputs(batch=1, length=length))
+            model.generate(inputs(batch=1, length=N), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert len(_sra_warnings(caught)) == 1
+        ad.remove(model)
+        ad.apply(model, sra(b=60))  # another configuration warns again
+        with torch.no_grad():
+            model(inputs(batch=1, length=N))
+        assert len(_sra_warnings(caught)) == 2
 
 
 def test_short_example_in_a_batch() -> None:
@@ -323,13 +434,14 @@ def test_short_example_in_a_batch() -> None:
     pos = torch.cat([torch.arange(N)[None], pos_s])
     with torch.no_grad():
         stock_short = model(short).logits
-        ad.apply(model, sra())
+        ad.apply(model, sra(short_prompt="error"))
         with pytest.raises(ValueError, match="example 1 has 9 valid"):
             model(batch, attention_mask=mask, position_ids=pos)
-        alone_long = model(long).logits
         ad.remove(model)
         ad.apply(model, sra(short_prompt="skip"))
-        out = model(batch, attention_mask=mask, position_ids=pos).logits
+        alone_long = model(long).logits
+        with pytest.warns(ShortPromptWarning, match="example 1 has 9 valid"):
+            out = model(batch, attention_mask=mask, position_ids=pos).logits
     torch.testing.assert_close(out[0], alone_long[0], atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(out[1, N - 9:], stock_short[0], atol=ATOL, rtol=1e-4)
 

@@ -1,5 +1,10 @@
 """SRA, Scaled ReAttention (SPEC section 8; seed 004, rule as in the authors' public demonstration code).
 
+Paper: Gao, Wang, Fang, Hu and Cheng, "Empower Your Model with Longer and Better Context Comprehension",
+arXiv:2307.13365 (the paper the authors' repository cites; it names the technique Attention Transition). Authors'
+code: github.com/yileijin/Attention-Transition, ``modeling_llama.py`` (``init_sra``, ``get_attention_block_inter`` /
+``get_attention_block_outer``, ``adjust_attention_weights_inter`` / ``_outer``).
+
 Inference only, no parameters. At prefill, in every layer but the last, a few *row blocks* of the softmax map
 ``P`` are edited; everything else is the stock attention:
 
@@ -10,6 +15,17 @@ Inference only, no parameters. At prefill, in every layer but the last, a few *r
 * **outer rule** (layers ``1 .. L-2``): the last ``t`` rows ``[n-t, n)`` edit toward the key chunk
   ``[(l+2)c'+3, min((l+2)c'+3+c', n-t))``, ``c' = ceil((n-t-3)/(L+3))``, ``tau = alpha_outer/(n-t)``,
   strengthen factor ``strengthen_outer``.
+
+Each rule needs its span to exist: the inter rule a prompt of ``n > b + t + 3`` valid tokens, the outer rule
+``n > t + 3``. The two rules are decided **independently**, per example, as in the authors' code (their
+``get_attention_block_inter`` / ``_outer`` give an example no block when its prompt is too short for that rule, and the
+other rule still runs): a prompt with ``t + 3 < n <= b + t + 3`` gets the outer rule only, and a prompt that fits
+neither runs exactly as the stock model. With the defaults ``b = 100, t = 200`` every prompt of 303 tokens or fewer
+is too short for the inter rule (204 to 303 tokens get the outer rule alone, fewer get neither), which covers ordinary
+chat prompts and pipelines; raising there would make ``generate`` fail on them, so skipping is the default
+(``short_prompt="skip"``) and a :class:`ShortPromptWarning` says so once per configuration (the first time a rule is
+skipped; not per layer, example, call or decoding step). ``short_prompt="error"`` raises a ``ValueError`` naming the
+example and the rule instead.
 
 The edit of one (head, row): the row is *selected* when some target key has ``P > tau``. In a selected row every
 probability below ``tau`` is set to 0; the removed mass ``R`` times the strengthen factor ``s`` is added to the
@@ -44,6 +60,8 @@ to SRA and are ignored.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,6 +76,12 @@ from .base import Call, LayerContext, MethodModule
 #: redistribution weights of a surviving / an eliminated target key (the authors' 20:1 split)
 SURVIVOR_WEIGHT = 100.0
 ELIMINATED_WEIGHT = 5.0
+#: accepted values of ``SRAConfig.short_prompt``
+SHORT_PROMPT_CHOICES = ("error", "skip")
+
+
+class ShortPromptWarning(UserWarning):
+    """An SRA rule was skipped because the prompt is too short for its span (``short_prompt="skip"``)."""
 
 
 @dataclass
@@ -76,9 +100,10 @@ class SRAConfig(MethodConfig):
         strengthen_outer: the same for the outer rule.
         inter: run the inter rule (layers ``0 .. L-2``).
         outer: run the outer rule (layers ``1 .. L-2``).
-        short_prompt: what a prompt too short for the rule (``n <= b + t + 3`` for the inter rule, ``n <= t + 3``
-            for the outer rule) does: ``"error"`` (a ``ValueError`` naming the example) or ``"skip"`` (that
-            example is left stock, as the authors' code does).
+        short_prompt: what happens to a rule whose span does not fit the prompt (``n <= b + t + 3`` for the inter
+            rule, ``n <= t + 3`` for the outer rule): ``"skip"`` (default; that rule is left out for that example,
+            the other rule still runs when it fits, as in the authors' code; one :class:`ShortPromptWarning` per
+            configuration) or ``"error"`` (a ``ValueError`` naming the example and the rule).
         max_block_elements: at most this many explicit probabilities (heads x rows x keys) are built at once on
             the fast path; edited rows are processed in slices of that size (memory, not results, depends on it).
 
@@ -101,7 +126,7 @@ class SRAConfig(MethodConfig):
     strengthen_outer: float = 4.0
     inter: bool = True
     outer: bool = True
-    short_prompt: str = "error"
+    short_prompt: str = "skip"
     max_block_elements: int = 1 << 21
 
     def validate(self) -> None:
@@ -119,7 +144,7 @@ class SRAConfig(MethodConfig):
         positive("dynamic_div", self.dynamic_div)
         for name in ("alpha_inter", "alpha_outer", "strengthen_inter", "strengthen_outer"):
             positive(name, getattr(self, name), allow_zero=True)
-        _choice("short_prompt", self.short_prompt, ("error", "skip"))
+        _choice("short_prompt", self.short_prompt, SHORT_PROMPT_CHOICES)
 
     def trailing(self, n: int) -> int:
         """``t`` for a prompt of ``n`` valid tokens."""
@@ -137,28 +162,37 @@ class Segment:
     strengthen: float
 
 
-def plan(config: SRAConfig, n: int, layer: int, num_layers: int, example: int = 0) -> list[Segment] | None:
+def _need(config: SRAConfig, rule: str, t: int) -> tuple[int, str]:
+    """The prompt length ``rule`` needs to be exceeded, and its formula: ``n > b + t + 3`` (inter), ``n > t + 3``."""
+    return (config.b + t + 3, "b + t + 3") if rule == "inter" else (t + 3, "t + 3")
+
+
+def plan(config: SRAConfig, n: int, layer: int, num_layers: int, example: int = 0) -> list[Segment]:
     """The row blocks layer ``layer`` of ``num_layers`` edits in a prompt of ``n`` valid tokens (SPEC 8).
 
-    Returns ``None`` when the prompt is too short and ``short_prompt="skip"``; raises ``ValueError`` when it is too
-    short and ``short_prompt="error"``. Blocks whose threshold factor is 0 are left out (they cannot change
-    anything: no probability is below ``tau = 0``).
+    Each rule that runs on this layer (inter: layers ``0 .. L-2``, outer: ``1 .. L-2``) is decided on its own, as in
+    the authors' code: it applies when its span fits (inter ``n > b + t + 3``, outer ``n > t + 3``). A rule that does
+    not fit is left out with ``short_prompt="skip"`` (so a prompt that fits neither gets ``[]``: the stock model)
+    and raises ``ValueError`` with ``short_prompt="error"``. Blocks whose threshold factor is 0 are left out too
+    (they cannot change anything: no probability is below ``tau = 0``), and so are blocks that come out empty.
     """
     c, L = config, num_layers
     if layer >= L - 1:
         return []  # the last layer is never edited
     t = c.trailing(n)
-    rules = [r for r, on in (("inter", c.inter), ("outer", c.outer and layer >= 1)) if on]
-    for rule in rules:
-        need = c.b + t + 3 if rule == "inter" else t + 3
-        if n <= need:
-            if c.short_prompt == "skip":
-                return None
-            what = "b + t + 3" if rule == "inter" else "t + 3"
+    rules = []
+    for rule, on in (("inter", c.inter), ("outer", c.outer and layer >= 1)):
+        if not on:
+            continue
+        need, what = _need(c, rule, t)
+        if n > need:
+            rules.append(rule)
+        elif c.short_prompt == "error":
             raise ValueError(
                 f"SRA: example {example} has {n} valid prompt tokens; the {rule} rule needs more than {what} = "
                 f"{need} (b={c.b}, t={t}{', t = n/dynamic_div' if c.dynamic_t else ''}). Lower b/t, use "
-                f"dynamic_t=True, or pass short_prompt='skip' to leave short prompts unedited."
+                f"dynamic_t=True, or pass short_prompt='skip' to skip a rule that does not fit (the other rule "
+                f"still runs when it fits)."
             )
     out: list[Segment] = []
     if "inter" in rules and c.alpha_inter > 0:
@@ -175,6 +209,46 @@ def plan(config: SRAConfig, n: int, layer: int, num_layers: int, example: int = 
         if end > start:
             out.append(Segment("outer", (n - t, n), (start, end), c.alpha_outer / (n - t), c.strengthen_outer))
     return out
+
+
+def skipped_rules(config: SRAConfig, n: int, num_layers: int) -> list[str]:
+    """The rules that would edit some patched layer of a ``num_layers``-layer model but do not fit a prompt of
+    ``n`` valid tokens, each as ``"the inter rule (needs n > b + t + 3 = 303)"``; ``[]`` when none is skipped."""
+    chosen = config.select_layers(num_layers)
+    t = config.trailing(n)
+    out = []
+    for rule, on, first in (("inter", config.inter, 0), ("outer", config.outer, 1)):
+        if on and any(first <= i <= num_layers - 2 for i in chosen):
+            need, what = _need(config, rule, t)
+            if n <= need:
+                out.append(f"the {rule} rule (needs n > {what} = {need})")
+    return out
+
+
+#: ids of the configurations that have already warned about a skipped rule (dropped when the config is collected)
+_WARNED: set[int] = set()
+
+
+def _warn_short_once(config: SRAConfig, n: int, num_layers: int, example: int) -> None:
+    """One :class:`ShortPromptWarning` per configuration (it is shared by every layer of a patched model), the first
+    time a prompt is too short for a rule; later prompts, layers and decoding steps stay silent."""
+    key = id(config)
+    if key in _WARNED:
+        return
+    skipped = skipped_rules(config, n, num_layers)
+    if not skipped:
+        return
+    _WARNED.add(key)
+    weakref.finalize(config, _WARNED.discard, key)
+    t = config.trailing(n)
+    warnings.warn(
+        f"SRA: example {example} has {n} valid prompt tokens (b={config.b}, t={t}), too short for "
+        f"{' and '.join(skipped)}. A rule is skipped for every prompt too short for it (the other rule still runs "
+        f"when it fits) and a prompt that fits no rule runs as the stock model. Shown once for this configuration; "
+        f"lower b/t or use dynamic_t=True to edit shorter prompts, or pass short_prompt='error' to raise instead.",
+        ShortPromptWarning,
+        stacklevel=2,
+    )
 
 
 def edit_rows(
@@ -249,7 +323,11 @@ class SRA(MethodModule):
         out_new: torch.Tensor | None = None
         map_new: torch.Tensor | None = None
         for b, (start, n) in enumerate(_valid_spans(mask, query.shape[0], nk)):
-            segments = plan(cfg, n, self.info.index, self.info.num_layers, example=b) if n else []
+            if not n:
+                continue
+            if cfg.short_prompt == "skip":
+                _warn_short_once(cfg, n, self.info.num_layers, example=b)
+            segments = plan(cfg, n, self.info.index, self.info.num_layers, example=b)
             if not segments:
                 continue
             if out_new is None:  # copies, so autograd's saved outputs are never overwritten
