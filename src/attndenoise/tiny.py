@@ -1,11 +1,11 @@
 """The embedded tiny model: a small Llama pretrained on the synthetic tasks, built once and cached on disk.
 
 Nothing can be downloaded where this runs, so the tool builds its own base model: a word-level tokenizer over the
-synthetic vocabulary and a Llama-architecture model pretrained (seeded, deterministic, about 4.5 minutes on two CPU
-threads) on an induction drill first, then a mix of plain documents, noisy-context QA with 0-1 distractors, the
-drill, and passkey retrieval. It is meant to answer well from the gold document alone, to look documents up by the
-full name, and to be hurt by many similarly named distractors, so that denoising methods have room to help. The
-result is an ordinary checkpoint directory::
+synthetic vocabulary and a Llama-architecture model pretrained (seeded; bit-identical on the same machine and thread
+count; about 4.5 minutes on two CPU threads) on an induction drill first, then a mix of plain documents,
+noisy-context QA with 0-1 distractors, the drill, and passkey retrieval. It is meant to answer well from the gold
+document alone, to look documents up by the full name, and to be hurt by many similarly named distractors, so that
+denoising methods have room to help. The result is an ordinary checkpoint directory::
 
     path = tiny_model_path()          # builds on first use, then reuses the cache
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -13,8 +13,9 @@ result is an ordinary checkpoint directory::
 
 The cache lives in ``$ATTNDENOISE_CACHE`` (default ``~/.cache/attndenoise``) under ``tiny-<hash>``, where the hash
 covers every setting of ``TinyConfig`` and ``TINY_VERSION`` (bumped whenever the data or the training code changes
-what gets built). A build writes into a temporary directory beside the cache entry and renames it into place, so an
-interrupted build never leaves a half-written model behind.
+what gets built). A build writes into a temporary directory beside the cache entry and renames it into place under
+a lock (``attndenoise.cache.cached_build``), so an interrupted build never leaves a half-written model behind and two
+processes never build the same model twice.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from .cache import CACHE_ENV, cached_build, default_cache_dir  # noqa: F401  (re-exported)
 from .data.examples import NoisyExample, build_noisy_example
 from .data.formatting import DEFAULT_FORMAT, IGNORE_INDEX, collate, encode_for_training, format_context
 from .data.synthetic import ATTRIBUTE_BY_NAME, DOCUMENT_STYLES, SyntheticQA
 from .data.tokenizer import build_tokenizer
 
 TINY_VERSION = 2
-CACHE_ENV = "ATTNDENOISE_CACHE"
 METADATA_FILE = "attndenoise_tiny.json"
 
 
@@ -133,12 +132,6 @@ class TinyConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def default_cache_dir() -> Path:
-    """``$ATTNDENOISE_CACHE`` if set, else ``~/.cache/attndenoise``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "attndenoise"
-
-
 def tiny_model_path(cache_dir: str | Path | None = None, *, threads: int | None = None, **overrides: Any) -> Path:
     """The directory of the tiny model for these settings, pretraining it first if it is not cached yet.
 
@@ -147,28 +140,14 @@ def tiny_model_path(cache_dir: str | Path | None = None, *, threads: int | None 
     """
     config = TinyConfig(**overrides)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / f"tiny-{config.version_hash()}"
-    if (final / METADATA_FILE).exists():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        pretrain_tiny(tmp, config=config, threads=threads)
-        try:
-            os.replace(tmp, final)  # atomic on one filesystem
-        except OSError:
-            # Another process finished the same build first (the target exists and is not empty): keep theirs.
-            if not (final / METADATA_FILE).exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_build(root, f"tiny-{config.version_hash()}", METADATA_FILE,
+                        lambda tmp: pretrain_tiny(tmp, config=config, threads=threads))
 
 
 @contextmanager
 def _deterministic(threads: int) -> Iterator[None]:
-    """Seeded-run settings, restored afterwards: a fixed thread count and deterministic ops."""
+    """Seeded-run settings, restored afterwards: a fixed thread count and deterministic ops (repeatable on one
+    machine with one thread count; other thread counts split float32 sums differently)."""
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
@@ -302,10 +281,12 @@ def pretrain_tiny(
     """Build the tokenizer, pretrain the tiny model and ``save_pretrained`` both into ``out_dir``.
 
     ``config`` (or ``TinyConfig`` fields as keyword arguments) sets size, steps and seed; ``progress(step, loss)`` is
-    called after every optimizer step. ``threads`` (default: up to 2) only changes speed: on an oversubscribed
-    machine 1 is much faster, because a 2-thread op waits for its slower thread. Writes
-    ``attndenoise_tiny.json`` last (settings, hash, losses, wall time): its presence marks a complete build.
-    Deterministic: the same settings on the same software give identical weights.
+    called after every optimizer step. ``threads`` (default: up to 2) changes speed (on an oversubscribed machine 1 is
+    much faster, because a 2-thread op waits for its slower thread) and, through the order of float32 sums, the
+    weights at round-off level (the tests allow 1e-5 of each tensor's scale after 3 steps; the thread count is not
+    part of the cache hash). Writes ``attndenoise_tiny.json`` last (settings, hash, losses, wall time): its presence
+    marks a complete build. Deterministic: the same settings and software on the same machine with the same thread
+    count give bit-identical weights; another thread count or CPU model is not bit-identical.
     """
     if config is None:
         config = TinyConfig(**overrides)
