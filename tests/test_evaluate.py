@@ -90,6 +90,19 @@ def test_squad_style_metrics_hand_computed() -> None:
     assert lenient_match("73914 is the key", "7 3 9 1 4") == 1.0
 
 
+def test_best_subspan_em_hand_computed() -> None:
+    from attndenoise.evaluate import best_subspan_em
+
+    # Liu et al.'s metric: any SQuAD-normalised gold answer inside the SQuAD-normalised prediction.
+    assert best_subspan_em("The capital of France is Paris.", ["Paris"]) == 1.0
+    assert best_subspan_em("It was Wilhelm Conrad Röntgen, in 1901.", ["Röntgen", "W. Röntgen"]) == 1.0
+    assert best_subspan_em("It was Marie Curie.", ["Röntgen", "Wilhelm Conrad Röntgen"]) == 0.0
+    assert best_subspan_em("the Beatles", ["The Beatles!"]) == 1.0  # articles and punctuation dropped on both sides
+    assert best_subspan_em("Parisian food", ["Paris"]) == 1.0  # a substring test, as in the paper's code
+    assert best_subspan_em("7 3 9", ["739"]) == 0.0  # no digit joining here (unlike lenient)
+    assert best_subspan_em("anything", ["the"]) == 0.0  # an answer that normalises to nothing never matches
+
+
 # -- a model whose answers the test controls ---------------------------------------------------------------------
 
 
@@ -390,7 +403,8 @@ def test_cli_eval_writes_json_and_csv(small: Path, tmp_path: Path) -> None:
     assert data[0]["label"] == "adapter" and [q["noise_ratio"] for q in data[0]["qa"]] == [0.0, 0.8]
     assert all(q["n"] == 3 and len(q["predictions"]) == 3 for q in data[0]["qa"])
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [(r["task"], r["metric"]) for r in rows] == [("noisy-qa", m) for m in ("exact_match", "f1", "lenient")] * 2 \
+    metrics = ("exact_match", "f1", "lenient", "best_subspan_em")
+    assert [(r["task"], r["metric"]) for r in rows] == [("noisy-qa", m) for m in metrics] * 2 \
         + [("ppl", "perplexity")]
     assert float(rows[-1]["value"]) == pytest.approx(data[0]["perplexity"]["perplexity"])
     assert (out / "accuracy.png").read_bytes()[:8] == PNG

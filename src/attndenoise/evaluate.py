@@ -40,10 +40,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .data.examples import ChatExample, Example, NoisyExample, noisy_examples
 from .data.formatting import DEFAULT_FORMAT, PromptFormat, collate, encode_for_training, format_context
 from .data.loading import load_examples
+from .data.retrieval import squad_normalize
 from .data.synthetic import SyntheticQA
 
 DEFAULT_NOISE_RATIOS = (0.0, 0.5, 0.8, 0.9)
@@ -108,7 +110,16 @@ def lenient_match(prediction: str, gold: str | Sequence[str]) -> float:
     return float(any((ng := normalize_text(g)) != "" and ng in p for g in _golds(gold)))
 
 
-METRICS = {"exact_match": exact_match, "f1": token_f1, "lenient": lenient_match}
+def best_subspan_em(prediction: str, gold: str | Sequence[str]) -> float:
+    """Best-subspan exact match, the metric of "Lost in the Middle" (Liu et al., TACL 2024, arXiv:2307.03172): 1.0
+    when any gold answer, SQuAD-normalised (lower case, no punctuation, no articles, single spaces; digits are *not*
+    joined here, unlike :func:`normalize_text`), occurs inside the SQuAD-normalised prediction. The primary metric
+    for retrieval QA (NaturalQuestions), where a chat model answers in a sentence."""
+    p = squad_normalize(prediction)
+    return float(any((ng := squad_normalize(g)) != "" and ng in p for g in _golds(gold)))
+
+
+METRICS = {"exact_match": exact_match, "f1": token_f1, "lenient": lenient_match, "best_subspan_em": best_subspan_em}
 
 
 # -- results ------------------------------------------------------------------------------------------------------
@@ -126,6 +137,8 @@ class Prediction:
     f1: float
     lenient: float
     dropped_distractors: int = 0
+    best_subspan_em: float | None = None  # None in results written before the metric existed
+    answers: list[str] = field(default_factory=list)  # every accepted answer (``answer`` is the first)
 
 
 @dataclass
@@ -138,6 +151,7 @@ class QAResult:
     f1: float
     lenient: float
     predictions: list[Prediction] = field(default_factory=list)
+    best_subspan_em: float | None = None  # None in results written before the metric existed
 
 
 @dataclass
@@ -195,6 +209,8 @@ class EvalResults:
         out: list[dict[str, Any]] = []
         for q in self.qa:
             for m in METRICS:
+                if getattr(q, m) is None:
+                    continue
                 out.append({**base, "task": "noisy-qa", "noise_ratio": q.noise_ratio, "context_len": None,
                             "depth": None, "metric": m, "value": getattr(q, m), "n": q.n})
         for c in self.needle:
@@ -260,6 +276,23 @@ def _pad_id(tokenizer: Any, eos: list[int]) -> int:
     return int(pad) if pad is not None else eos[0]
 
 
+class AnswerLineEnded(StoppingCriteria):
+    """Stops a row once its generated text has a line break after some non-blank text (the answer line is over).
+
+    Leading blank lines do not count (some chat models start their turn with one); the row's text up to the break is
+    what ``generate_answers(first_line=True)`` keeps anyway, so stopping there changes no answer, only the cost.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = [("\n" in self.tokenizer.decode(row[self.prompt_length:], skip_special_tokens=True).lstrip())
+                for row in input_ids.tolist()]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def generate_answers(
     model: nn.Module,
     tokenizer: Any,
@@ -294,11 +327,15 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = collate([prompts[i] for i in idx], pad, padding_side="left")
+            extra: dict[str, Any] = {}
+            if first_line:  # nothing after the answer line counts: stop there instead of paying for it
+                extra["stopping_criteria"] = StoppingCriteriaList(
+                    [AnswerLineEnded(tokenizer, batch["input_ids"].shape[1])])
             with torch.no_grad():
                 out = model.generate(  # type: ignore[operator]
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                    pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None, top_k=None,
+                    pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None, top_k=None, **extra,
                 )
             new = out[:, batch["input_ids"].shape[1]:].tolist()
             for i, ids in zip(idx, new, strict=True):
@@ -317,12 +354,22 @@ def score_predictions(examples: Sequence[Example], answers: Sequence[tuple[str, 
     out = []
     for i, (ex, (pred, dropped)) in enumerate(zip(examples, answers, strict=True)):
         question = ex.question if isinstance(ex, NoisyExample) else ex.messages[-2]["content"]
+        golds = list(ex.answers) if isinstance(ex, NoisyExample) else [ex.answer]
         out.append(Prediction(
             index=i, question=question, answer=ex.answer, prediction=pred,
-            exact_match=exact_match(pred, ex.answer), f1=token_f1(pred, ex.answer),
-            lenient=lenient_match(pred, ex.answer), dropped_distractors=dropped,
+            exact_match=exact_match(pred, golds), f1=token_f1(pred, golds),
+            lenient=lenient_match(pred, golds), dropped_distractors=dropped,
+            best_subspan_em=best_subspan_em(pred, golds), answers=golds,
         ))
     return out
+
+
+def qa_result(noise_ratio: float | None, predictions: list[Prediction]) -> QAResult:
+    """The mean of every metric over ``predictions``."""
+    return QAResult(
+        noise_ratio=noise_ratio, n=len(predictions), predictions=predictions,
+        **{m: _mean(getattr(p, m) for p in predictions) for m in METRICS},
+    )
 
 
 def _mean(xs: Iterable[float]) -> float:
@@ -382,11 +429,7 @@ def evaluate_noisy_qa(
     for ratio, exs in settings:
         answers = generate_answers(model, tokenizer, exs, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                    max_length=max_length, fmt=fmt)
-        preds = score_predictions(exs, answers)
-        results.append(QAResult(
-            noise_ratio=ratio, n=len(preds), exact_match=_mean(p.exact_match for p in preds),
-            f1=_mean(p.f1 for p in preds), lenient=_mean(p.lenient for p in preds), predictions=preds,
-        ))
+        results.append(qa_result(ratio, score_predictions(exs, answers)))
     return results
 
 

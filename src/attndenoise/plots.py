@@ -19,7 +19,8 @@ import torch  # noqa: E402
 from .evaluate import METRICS, EvalResults  # noqa: E402
 from .measures import AttentionMeasures  # noqa: E402
 
-METRIC_LABELS = {"exact_match": "exact match", "f1": "token F1", "lenient": "lenient match (gold in prediction)"}
+METRIC_LABELS = {"exact_match": "exact match", "f1": "token F1", "lenient": "lenient match (gold in prediction)",
+                 "best_subspan_em": "best-subspan exact match"}
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:

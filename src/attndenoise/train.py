@@ -94,7 +94,8 @@ class TrainConfig:
     """Everything that determines a training run (recorded in ``run.json``).
 
     Attributes:
-        model: path or hub id of the base causal LM (with its tokenizer).
+        model: the base causal LM (with its tokenizer): ``"tiny"`` (the embedded model, the default),
+            ``"smollm2-135m"``, a ``.gguf`` file, a local folder or a hub id (``attndenoise.models.resolve_model``).
         method: a registered method name, or the baselines ``"none"`` (fine-tune q/k/v/o) / ``"lora"``.
         data: a data file or ``datasets`` folder (see ``attndenoise.data.load_examples``), or ``"synthetic"``.
         out: output directory.
@@ -113,7 +114,7 @@ class TrainConfig:
         synthetic_examples: how many synthetic training examples to generate.
     """
 
-    model: str = ""
+    model: str = "tiny"
     method: str = "daa"
     data: str = SYNTHETIC
     out: str = "run"
@@ -331,8 +332,14 @@ def _check_qlora_available() -> None:
 def _load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .models import ModelNotFoundError, resolve_model
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        path = resolve_model(config.model, progress=config.progress)
+    except ModelNotFoundError as e:
+        raise TrainError(str(e)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
         kwargs: dict[str, Any] = {"dtype": _DTYPES[config.dtype]}
         if config.qlora:
             from transformers import BitsAndBytesConfig
@@ -342,7 +349,7 @@ def _load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
                 bnb_4bit_use_double_quant=True,
             )
             kwargs["dtype"] = torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise TrainError(f"cannot load model '{config.model}': {e}") from None
     if config.qlora:

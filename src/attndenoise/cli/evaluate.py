@@ -14,18 +14,25 @@ from . import app
 TASK_NAMES = ("noisy-qa", "needle", "ppl")
 
 
-def load_model(model: str | None, adapter: Path | None) -> tuple[Any, Any]:
-    """The model and tokenizer at ``model`` (default: the embedded tiny model, built on first use), with ``adapter``
+def load_model(model: str | None, adapter: Path | None, dtype: str = "float32") -> tuple[Any, Any]:
+    """The model and tokenizer ``model`` names (``attndenoise.models.resolve_model``: default the embedded tiny
+    model; ``smollm2-135m``, a GGUF file, a folder or a hub id), in ``dtype``, with ``adapter``
     loaded: a training run directory by ``attndenoise.load_trained`` (method adapter, LoRA or plain fine-tuning), a
     method adapter saved by ``attndenoise.save`` by ``attndenoise.load``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import attndenoise as ad
-    from attndenoise.tiny import tiny_model_path
+    from attndenoise.models import ModelNotFoundError, resolve_model
 
-    path = model if model is not None else str(tiny_model_path())
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"{dtype!r}; accepted: {', '.join(dtypes)}", param_hint="--dtype")
+    try:
+        path = resolve_model(model)
+    except ModelNotFoundError as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[dtype]).eval()
     tok = AutoTokenizer.from_pretrained(path)
     if adapter is not None:
         if not adapter.is_dir():
@@ -50,7 +57,8 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[str | None, typer.Option(help="model path or hub id (default: the embedded tiny model)")] = None,
+    model: Annotated[str | None, typer.Option(help="tiny (default: the embedded model), smollm2-135m, a .gguf file, "
+                                                  "a model folder or a hub id")] = None,
     adapter: Annotated[Path | None, typer.Option(help="trained run / adapter directory to load onto the model")] = None,
     task: Annotated[str, typer.Option(help="noisy-qa, needle or ppl (comma-separated for several)")] = "noisy-qa",
     noise: Annotated[str, typer.Option(help="noise ratios for noisy-qa; 'as-is' keeps the data's contexts")] = (
@@ -65,6 +73,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="generation batch size")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="longest generated answer")] = 16,
     label: Annotated[str | None, typer.Option(help="name of this model in tables and plots")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     out: Annotated[Path, typer.Option(help="output folder: results.json, results.csv, plots")] = Path("eval-out"),
 ) -> None:
     """Evaluate a model: greedy noisy-context QA (exact match, token F1 and the labelled lenient match), pass-key
@@ -81,7 +90,7 @@ def eval_command(
         raise typer.BadParameter(f"unknown task {bad or task!r}; accepted: {', '.join(TASK_NAMES)}",
                                  param_hint="--task")
     ratios = None if noise.strip() == "as-is" else parse_floats(noise, "--noise")
-    m, tok = load_model(model, adapter)
+    m, tok = load_model(model, adapter, dtype)
     name = label or (adapter.name if adapter is not None else Path(model).name if model else "tiny")
     res = evaluate_model(
         m, tok, label=name, tasks=tasks, seed=seed, noise_ratios=ratios, n=n, data=data,

@@ -16,7 +16,8 @@ from .evaluate import load_model
 
 @app.command("inspect")
 def inspect_command(
-    model: Annotated[str | None, typer.Option(help="model path or hub id (default: the embedded tiny model)")] = None,
+    model: Annotated[str | None, typer.Option(help="tiny (default: the embedded model), smollm2-135m, a .gguf file, "
+                                                  "a model folder or a hub id")] = None,
     adapter: Annotated[Path | None, typer.Option(help="trained run / adapter directory to load onto the model")] = None,
     example: Annotated[Path | None, typer.Option(
         help="JSON file with one example record (documents/gold/question/answer, or messages + gold); "

@@ -31,11 +31,12 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 @app.command("train")
 def train_command(
-    model: Annotated[str, typer.Option("--model", help="Base causal LM: a local checkpoint directory or a hub id.")],
     method: Annotated[str, typer.Option(
         "--method", help="Method to train (see `attndenoise methods`), or a baseline: 'none' fine-tunes the "
         "attention projections q/k/v/o only, 'lora' trains a LoRA on them.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory: adapter, run.json, checkpoints.")],
+    model: Annotated[str, typer.Option("--model", help="Base causal LM: 'tiny' (the embedded model), 'smollm2-135m', "
+                                       "a .gguf file, a local model folder or a hub id.")] = "tiny",
     data: Annotated[str, typer.Option(
         "--data", help="Training data: a .jsonl/.json/.csv/.parquet file or a datasets folder "
         "(records with documents/gold/question/answer, or chat messages), or 'synthetic' for the embedded task.")]

@@ -29,12 +29,34 @@ from .formatting import (
     without_documents,
 )
 from .loading import DataFormatError, examples_from_records, load_examples, parse_record
+from .retrieval import (
+    LITM_FORMAT,
+    SPLIT_SIZES,
+    MultiDocRecord,
+    Passage,
+    PassagePool,
+    build_multidoc_example,
+    contains_answer,
+    default_split_sizes,
+    gold_indices,
+    gold_passage,
+    multidoc_examples,
+    read_multidoc_qa,
+    read_passages,
+    render_passage,
+    split_records,
+    squad_normalize,
+)
 from .synthetic import ATTRIBUTES, SyntheticQA, count_tokens, lexicon_texts
 from .tokenizer import build_tokenizer, default_vocabulary, normalize_answer, vocabulary_from_texts
 
 __all__ = [
     "NoisyExample", "ChatExample", "Example", "num_distractors", "build_noisy_example", "noisy_examples",
     "load_examples", "examples_from_records", "parse_record", "DataFormatError",
+    "Passage", "MultiDocRecord", "read_multidoc_qa", "read_passages", "gold_passage", "gold_indices", "split_records",
+    "default_split_sizes",
+    "SPLIT_SIZES", "PassagePool", "build_multidoc_example", "multidoc_examples", "render_passage", "LITM_FORMAT",
+    "squad_normalize", "contains_answer",
     "PromptFormat", "DEFAULT_FORMAT", "Prompt", "format_context", "format_prompt", "EncodedExample",
     "encode_for_training", "encode_examples", "EncodeReport", "ExampleTooLongError", "IGNORE_INDEX", "collate",
     "drop_order", "without_documents",

@@ -7,6 +7,7 @@ noisy-context benchmarks): with one gold document and ``k`` distractors, ``r = k
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -32,9 +33,19 @@ class NoisyExample:
     answer: str
     layout: Layout = "documents"
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Every answer that counts as correct (NaturalQuestions lists several); ``answer`` is the one a model is trained
+    # to write. Empty at construction means ``(answer,)``; otherwise ``answer`` is put first if it is not listed.
+    answers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists (and a single gold index) at construction; store tuples.
+        answers = tuple(self.answers)
+        for a in answers:
+            if not isinstance(a, str) or not a.strip():
+                raise ValueError(f"every answer must be a non-empty string, got {a!r}")
+        if self.answer not in answers:
+            answers = (self.answer, *answers)
+        object.__setattr__(self, "answers", answers)
         documents = tuple(self.documents)
         gold_in: Any = self.gold
         gold = (gold_in,) if isinstance(gold_in, int) else tuple(gold_in)
@@ -179,10 +190,7 @@ def build_noisy_example(
     it_gold, it_distr = iter(gold_docs), iter(chosen)
     for pos in range(total):
         documents.append(next(it_gold) if pos in gold_positions else next(it_distr))
-    return NoisyExample(
-        question=example.question, documents=tuple(documents), gold=tuple(gold_positions), answer=example.answer,
-        layout=example.layout, meta=example.meta,
-    )
+    return dataclasses.replace(example, documents=tuple(documents), gold=tuple(gold_positions))
 
 
 def _sample_pool(pool: Sequence[str], rng: random.Random) -> Iterator[str]:

@@ -29,6 +29,7 @@ indices.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class PromptFormat:
     # Also state the question before the documents ("query-aware contextualization", Liu et al. 2023, Lost in the
     # Middle): a causal model can then read each document knowing what is asked.
     question_first: bool = False
+    # A line before everything else (e.g. the task instruction of Lost in the Middle), followed by context_separator.
+    instruction: str = ""
 
 
 DEFAULT_FORMAT = PromptFormat()
@@ -125,9 +128,11 @@ def format_context(example: NoisyExample, fmt: PromptFormat = DEFAULT_FORMAT) ->
     """The documents and the question as one text, with each document's character span in it."""
     parts: list[str] = []
     spans: list[Span] = []
+    if fmt.instruction:
+        parts.append(fmt.instruction + fmt.context_separator)
     if fmt.question_first:
         parts.append(fmt.question.format(question=example.question) + fmt.context_separator)
-    pos = len(parts[0]) if parts else 0
+    pos = sum(len(p) for p in parts)
     for i, doc in enumerate(example.documents):
         if i:
             sep = fmt.plain_separator if example.layout == "plain" else fmt.document_separator
@@ -283,11 +288,8 @@ def without_documents(example: NoisyExample, drop: Iterable[int]) -> NoisyExampl
         raise ValueError("cannot drop a gold document")
     keep = [i for i in range(len(example.documents)) if i not in dropped]
     new_index = {old: new for new, old in enumerate(keep)}
-    return NoisyExample(
-        question=example.question, documents=tuple(example.documents[i] for i in keep),
-        gold=tuple(new_index[g] for g in example.gold), answer=example.answer, layout=example.layout,
-        meta=example.meta,
-    )
+    return dataclasses.replace(example, documents=tuple(example.documents[i] for i in keep),
+                               gold=tuple(new_index[g] for g in example.gold))
 
 
 def encode_for_training(

@@ -1,11 +1,16 @@
 """Load examples from local files: JSONL (checked line by line), or anything ``datasets`` reads from local files.
 
-Two record shapes are accepted (extra fields are kept in ``meta``):
+Three record shapes are accepted (extra fields are kept in ``meta``):
 
 * documents: ``{"documents": [str, ...], "gold": int | [int, ...], "question": str, "answer": str}`` where ``gold``
   indexes ``documents`` (0-based); optional ``"layout": "documents" | "plain"``.
 * chat: ``{"messages": [{"role": ..., "content": ...}, ...]}`` ending with the assistant message (the target);
   optional ``"gold": str``, a passage of an earlier message whose token span is recorded.
+* multi-document QA (Lost in the Middle / DPR, see ``retrieval``): ``{"question": str, "answers": [str, ...],
+  "ctxs": [{"title", "text", "hasanswer", "isgold"}, ...]}`` without ``documents``: the passages become the
+  documents (``(Title: t) text``), the gold one per ``retrieval.gold_indices``, every answer kept in ``answers``.
+
+JSONL files may be gzip-compressed (``.jsonl.gz``; detected by content).
 
 In CSV files, list fields (``documents``, ``gold``, ``messages``) may hold JSON text (``"[0, 2]"``).
 Every problem is reported as ``DataFormatError`` with the place: ``train.jsonl:17: missing field 'question'``
@@ -14,7 +19,9 @@ Every problem is reported as ``DataFormatError`` with the place: ``train.jsonl:1
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +51,7 @@ def load_examples(path: str | Path) -> list[Example]:
     if not p.is_file():
         raise FileNotFoundError(f"no such data file: {p}")
     suffix = p.suffix.lower()
-    if suffix in JSON_LINES:
+    if suffix in JSON_LINES or (suffix == ".gz" and Path(p.stem).suffix.lower() in JSON_LINES):
         return list(_iter_json_lines(p))
     if suffix == ".json":
         text = _read_text(p)
@@ -61,7 +68,7 @@ def load_examples(path: str | Path) -> list[Example]:
         kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
         ds = datasets.load_dataset(DATASETS_BUILDERS[suffix], data_files=str(p), split="train", **kwargs)
         return examples_from_records(ds, source=p.name)
-    accepted = ", ".join((*JSON_LINES, ".json", *DATASETS_BUILDERS))
+    accepted = ", ".join((*JSON_LINES, *(s + ".gz" for s in JSON_LINES), ".json", *DATASETS_BUILDERS))
     raise DataFormatError(f"{p.name}: unsupported file type {suffix!r}; accepted: {accepted}, or a save_to_disk folder")
 
 
@@ -77,6 +84,10 @@ def parse_record(record: Any, where: str) -> Example:
     try:
         if "messages" in record and record["messages"] is not None:
             return _parse_chat(record, where)
+        if record.get("ctxs") is not None and record.get("answers") is not None and record.get("documents") is None:
+            from .retrieval import multidoc_record_example  # deferred: retrieval imports this module
+
+            return multidoc_record_example(record, where)
         return _parse_documents(record, where)
     except DataFormatError:
         raise
@@ -155,20 +166,39 @@ def _read_text(p: Path) -> str:
 
 
 def _iter_json_lines(p: Path) -> Iterator[Example]:
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{p.name}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataFormatError(f"{where}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            yield parse_record(record, where)
+    for where, record in iter_json_records(p):
+        yield parse_record(record, where)
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def iter_json_records(p: Path) -> Iterator[tuple[str, Any]]:
+    """``(file:line, decoded JSON)`` for every non-blank line of a JSON-lines file, gzip-compressed or not.
+
+    Compression is recognised by the gzip magic bytes, so a misnamed file still reads; bad UTF-8, bad JSON and
+    corrupt or truncated gzip data raise ``DataFormatError`` naming the line.
+    """
+    with p.open("rb") as raw_file:
+        compressed = raw_file.read(2) == GZIP_MAGIC
+    lineno = 0
+    try:
+        with gzip.open(p, "rb") if compressed else p.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{p.name}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataFormatError(f"{where}: not valid UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+                yield where, record
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{p.name}:{lineno + 1}: corrupt gzip data ({e})") from None
 
 
 def _load_saved_dataset(p: Path) -> list[Example]:
