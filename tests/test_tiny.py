@@ -184,3 +184,29 @@ def test_thread_count_changes_weights_only_at_round_off(tmp_path: Path) -> None:
     init = weights(pretrain_tiny(tmp_path / "init", threads=1, **{**few, "steps": 0}))
     # not vacuous: every tensor moves far more than the tolerance in these 3 steps
     assert all(float((one[k] - init[k]).abs().max()) > 100 * THREAD_RTOL * float(one[k].abs().max()) for k in one)
+
+
+def test_shipped_model_is_the_default_build_and_has_learned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The package ships the default model (so nothing builds it), for the current settings and code version."""
+    shipped = tiny.packaged_model_path()
+    assert shipped is not None, "src/attndenoise/assets lacks tiny-<hash> for TinyConfig(): run attndenoise build-tiny"
+    meta = json.loads((shipped / METADATA_FILE).read_text())
+    assert meta["hash"] == TinyConfig().version_hash() and meta["tiny_version"] == tiny.TINY_VERSION
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the shipped model must not be rebuilt")
+
+    monkeypatch.setattr(tiny, "pretrain_tiny", fail)
+    assert tiny_model_path() == shipped
+    # It answers held-out questions from the gold document alone (an independent check that these are trained
+    # weights: a random model of this size scores 0 here).
+    from attndenoise.evaluate import evaluate_noisy_qa
+
+    model = AutoModelForCausalLM.from_pretrained(shipped).eval()
+    tok = AutoTokenizer.from_pretrained(shipped)
+    [res] = evaluate_noisy_qa(model, tok, noise_ratios=(0.0,), n=40, seed=3)
+    assert res.exact_match >= 0.9
+    torch.manual_seed(0)
+    untrained = LlamaForCausalLM(model.config).eval()
+    [chance] = evaluate_noisy_qa(untrained, tok, noise_ratios=(0.0,), n=40, seed=3)
+    assert chance.exact_match <= 0.1

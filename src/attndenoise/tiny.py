@@ -7,10 +7,12 @@ noisy-context QA with 0-1 distractors, the drill, and passkey retrieval. It is m
 document alone, to look documents up by the full name, and to be hurt by many similarly named distractors, so that
 denoising methods have room to help. The result is an ordinary checkpoint directory::
 
-    path = tiny_model_path()          # builds on first use, then reuses the cache
+    path = tiny_model_path()          # the shipped model (other settings: built on first use, then cached)
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
+The default model ships with the package (``assets/tiny-<hash>``, built by ``attndenoise build-tiny --threads 1``),
+so ``tiny_model_path()`` normally returns that folder and builds nothing; other settings are built on first use.
 The cache lives in ``$ATTNDENOISE_CACHE`` (default ``~/.cache/attndenoise``) under ``tiny-<hash>``, where the hash
 covers every setting of ``TinyConfig`` and ``TINY_VERSION`` (bumped whenever the data or the training code changes
 what gets built). A build writes into a temporary directory beside the cache entry and renames it into place under
@@ -132,16 +134,60 @@ class TinyConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def tiny_model_path(cache_dir: str | Path | None = None, *, threads: int | None = None, **overrides: Any) -> Path:
-    """The directory of the tiny model for these settings, pretraining it first if it is not cached yet.
+#: Where the package keeps the default tiny model, built by this project's own `attndenoise build-tiny` (1 thread).
+PACKAGED_DIR = Path(__file__).parent / "assets"
+
+
+def packaged_model_path(config: TinyConfig | None = None) -> Path | None:
+    """The shipped weights for ``config`` (default settings) if the package holds them, else ``None``.
+
+    Shipping the default model means ``make demo``, ``eval`` and the tests never pay for the build (minutes on
+    two cores, far more on a loaded machine) and give the same numbers on every machine; a build on another CPU or
+    thread count would differ at float32 round-off.
+    """
+    path = PACKAGED_DIR / f"tiny-{(config or TinyConfig()).version_hash()}"
+    return path if (path / METADATA_FILE).is_file() else None
+
+
+def tiny_model_path(cache_dir: str | Path | None = None, *, threads: int | None = None, rebuild: bool = False,
+                    **overrides: Any) -> Path:
+    """The directory of the tiny model for these settings: the shipped one for the default settings, else the
+    cached build, pretraining it first if it is not cached yet.
 
     ``overrides`` are ``TinyConfig`` fields (``steps=20, hidden_size=32`` gives a model built in seconds, for tests);
-    ``threads`` is passed to ``pretrain_tiny``.
+    ``threads`` is passed to ``pretrain_tiny``; ``rebuild=True`` ignores the shipped weights (and builds into the
+    cache unless it holds the model already).
     """
     config = TinyConfig(**overrides)
+    packaged = None if rebuild else packaged_model_path(config)
+    if packaged is not None:
+        return packaged
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return cached_build(root, f"tiny-{config.version_hash()}", METADATA_FILE,
-                        lambda tmp: pretrain_tiny(tmp, config=config, threads=threads))
+                        lambda tmp: pretrain_tiny(tmp, config=config, threads=threads,
+                                                  progress=build_progress(config.steps)))
+
+
+def build_progress(total: int, every: float = 0.1) -> Callable[[int, float], None] | None:
+    """A ``progress(step, loss)`` for ``pretrain_tiny`` that prints to stderr: a line at every ``every`` of the
+    steps with the loss and an ETA (a build takes minutes, longer on a loaded machine; silence would look hung)."""
+    if total <= 0:
+        return None
+    import sys
+
+    start = time.perf_counter()
+    marks = {max(1, round(total * f * every)) for f in range(1, int(1 / every) + 1)}
+
+    def report(step: int, loss: float) -> None:
+        if step == 1:
+            print(f"building the tiny model ({total} steps) ...", file=sys.stderr, flush=True)
+        if step in marks:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / step * (total - step)
+            print(f"  step {step}/{total}, loss {loss:.3f}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    return report
 
 
 @contextmanager
