@@ -134,7 +134,7 @@ def check_save_load_round_trip(model: torch.nn.Module, family: str, tmp_path: Pa
     with torch.no_grad():
         want = model(x).logits
     ad.save(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attndenoise_config.json", "attndenoise_model.safetensors"]
     fresh = ad.load(tiny(family), tmp_path)
     with torch.no_grad():
         got = fresh(x).logits
@@ -164,7 +164,7 @@ def check_remove_restores_stock(family: str, config: ad.MethodConfig,
 
 def rewrite_adapter(path: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
     """Apply ``edit`` to the tensors of the adapter saved in ``path`` (to build mismatched adapters)."""
-    f = path / "adapter_model.safetensors"
+    f = path / "attndenoise_model.safetensors"
     tensors = load_file(str(f))
     edit(tensors)
     save_file(tensors, str(f))

@@ -43,6 +43,7 @@ def test_unknown_field_lists_fields() -> None:
         ("daa", {"layers": []}, "non-empty list"),
         ("daa", {"lambda_schedule": "cosine"}, "'paper', 'linear'"),
         ("daa", {"lambda_init": "deep"}, "'depth'"),
+        ("daa", {"lambda_init": True}, "lambda_init=True: must be a finite number or 'depth'"),  # bool is no number
     ],
 )
 def test_bad_values_are_explained(name: str, kw: dict, msg: str) -> None:
@@ -53,6 +54,37 @@ def test_bad_values_are_explained(name: str, kw: dict, msg: str) -> None:
 def test_layer_index_out_of_range() -> None:
     with pytest.raises(ad.ConfigError, match="index 5 is out of range for a model with 2 layers"):
         ad.apply(tiny("llama"), ad.config_for("daa", layers=[5]))
+
+
+def test_layer_selection_that_selects_nothing_is_refused() -> None:
+    model = tiny("llama")
+    before = {n: (p.clone(), p.requires_grad) for n, p in model.named_parameters()}
+    # every:2:3 on 2 layers is range(3, 2, 2): empty; every:2:1 is layer 1 alone
+    with pytest.raises(ad.ConfigError, match=r"layers='every:2:3' selects no layer of a model with 2 layers"):
+        ad.apply(model, ad.config_for("daa", layers="every:2:3"))
+    assert ad.patch.state_of(model) is None  # nothing was patched or frozen
+    assert all(torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] for n, p in model.named_parameters())
+    assert list(ad.method_modules(ad.apply(model, ad.config_for("daa", layers="every:2:1")))) == [1]
+
+
+def test_load_refuses_non_finite_tensors_naming_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file, save_file
+
+    from attndenoise.io import WEIGHTS_NAME
+
+    ad.save(ad.apply(tiny("llama"), ad.config_for("daa")), tmp_path)
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+    tensors["layers.0.weight"][1, 2, 3] = float("inf")
+    tensors["layers.1.lam.lambda_learn"][0] = float("nan")
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    model = tiny("llama")
+    with pytest.raises(ad.AdapterLoadError, match=r"non-finite values \(NaN or inf\) in tensor\(s\) "
+                                                  r"layers.0.weight, layers.1.lam.lambda_learn"):
+        ad.load(model, tmp_path)
+    assert ad.patch.state_of(model) is None  # left as it was
+    (tmp_path / WEIGHTS_NAME).write_bytes((tmp_path / WEIGHTS_NAME).read_bytes()[:40])  # truncated
+    with pytest.raises(ad.AdapterLoadError, match=rf"{WEIGHTS_NAME}: not a readable safetensors file"):
+        ad.load(model, tmp_path)
 
 
 def test_config_round_trips_through_dict() -> None:
@@ -225,8 +257,9 @@ def test_trainer_trains_method_and_advances_lambda(tmp_path) -> None:  # type: i
 def test_save_pretrained_and_generate_still_work(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = tiny("qwen2")
     ad.apply(model, ad.config_for("diffk", anneal_steps=0))
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "config.json").exists()
+    with pytest.warns(ad.MethodDroppedWarning):  # stock loading would drop the method: never silent
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "attndenoise_config.json").exists()
     out = model.generate(inputs(batch=1, length=5), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 8)
 

@@ -239,7 +239,7 @@ def test_load_rejects_other_architecture(tmp_path) -> None:  # type: ignore[no-u
 
 def test_adapter_config_is_plain_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = _saved(tmp_path, variant="dex")
-    meta = json.loads((d / "adapter_config.json").read_text())
+    meta = json.loads((d / "attndenoise_config.json").read_text())
     assert meta["config"]["method"] == "dex" and meta["base"]["family"] == "llama"
 
 

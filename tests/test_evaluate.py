@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,25 @@ def test_noisy_qa_scores_of_a_scripted_model(small: Path) -> None:
     other, _ = scripted_qa(tok, 8, seed=4)
     evaluate_noisy_qa(other, tok, noise_ratios=(0.9,), n=8, seed=4)
     assert not {p for p, _ in other.seen} & {p for p, _ in model.seen}
+
+
+def test_all_empty_answers_warn_and_no_examples_is_refused() -> None:
+    from attndenoise.data import build_tokenizer
+    from attndenoise.evaluate import EmptyAnswersWarning
+
+    tok = build_tokenizer()
+    silent = Scripted(tok, lambda question: "")  # EOS first: every prediction is ""
+    with pytest.warns(EmptyAnswersWarning, match=r"noisy-qa at noise 0.8: all 4 answers are empty"):
+        res = evaluate_noisy_qa(silent, tok, noise_ratios=(0.8,), n=4, seed=1)
+    assert [p.prediction for p in res[0].predictions] == [""] * 4 and res[0].exact_match == 0.0
+    said: list[str] = []
+    one = Scripted(tok, lambda question: "" if said else said.append(question) or "Varnok")  # one answer only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptyAnswersWarning)
+        res = evaluate_noisy_qa(one, tok, noise_ratios=(0.8,), n=4, seed=1, batch_size=4)
+    assert sorted(p.prediction for p in res[0].predictions) == ["", "", "", "Varnok"]
+    with pytest.raises(ValueError, match=r"no examples to evaluate \(n=0\)"):
+        evaluate_noisy_qa(silent, tok, n=0)  # the mean over nothing would be NaN
 
 
 def test_needle_grid_of_a_scripted_model(small: Path) -> None:

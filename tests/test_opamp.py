@@ -253,7 +253,7 @@ def test_adapter_dropout_acts_in_training_only() -> None:
 def test_save_load_round_trip(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = patched(family, layers="every:2", adapter_dim=8, cmrr=4.0)
     fresh = check_save_load_round_trip(model, family, tmp_path)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "attndenoise_config.json").read_text())
     assert meta["config"]["method"] == "opamp" and meta["config"]["cmrr"] == 4.0
     assert list(ad.method_modules(fresh)) == [0]
 

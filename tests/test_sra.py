@@ -524,8 +524,8 @@ def test_save_load_with_no_tensors(tmp_path) -> None:  # type: ignore[no-untyped
     with torch.no_grad():
         want = model(x).logits
     ad.save(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert load_file(str(tmp_path / "adapter_model.safetensors")) == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attndenoise_config.json", "attndenoise_model.safetensors"]
+    assert load_file(str(tmp_path / "attndenoise_model.safetensors")) == {}
     fresh = ad.load(deep("llama"), tmp_path)
     assert ad.method_modules(fresh)[0].config == cfg
     with torch.no_grad():

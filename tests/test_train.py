@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 import attndenoise as ad
 from attndenoise.cli import app
 from attndenoise.data import SyntheticQA, build_noisy_example, collate, encode_for_training, load_examples
+from attndenoise.io import WEIGHTS_NAME
 from attndenoise.tiny import tiny_model_path
 from attndenoise.train import PROJECTIONS_FILE, TrainConfig, TrainResult
 
@@ -42,6 +43,8 @@ PROJ = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight")
 RUNS: dict[str, dict[str, Any]] = {
     "method": dict(method="daa", method_options={"anneal_steps": 0}),
     "method+lora": dict(method="daa", lora=True, lora_rank=4, method_options={"anneal_steps": 2}),
+    # The DAA paper's protocol; patching layer 1 only shows that only the patched layers' projections train.
+    "method+attn": dict(method="daa", attention=True, method_options={"anneal_steps": 0, "layers": [1]}),
     "lora": dict(method="lora", lora_rank=4),
     "none": dict(method="none"),
 }
@@ -127,6 +130,28 @@ def test_none_trains_only_the_attention_projections(runs: dict[str, TrainResult]
     assert set(saved) == changed
 
 
+def test_method_with_attention_trains_the_method_and_its_layers_projections(runs: dict[str, TrainResult],
+                                                                           base: Path) -> None:
+    ref = dict(stock(base).named_parameters())
+    params = dict(runs["method+attn"].model.named_parameters())
+    changed = {n for n, p in params.items() if n not in ref or not torch.equal(p, ref[n])}
+    method = {n for n in params if "attndenoise" in n}
+    assert method and all(".layers.1." in n for n in method)
+    layer1 = {n for n in ref if PROJ.fullmatch(n) and ".layers.1." in n}
+    assert len(layer1) == 4 and changed == method | layer1  # layer 0 (unpatched), norms, MLP, embeddings frozen
+    saved = load_file(str(runs["method+attn"].out_dir / PROJECTIONS_FILE))
+    assert set(saved) == layer1
+
+
+def test_attention_protocol_options_are_checked(base: Path, data_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(ad.ConfigError, match="two protocols"):
+        TrainConfig(model=str(base), method="daa", attention=True, lora=True)
+    with pytest.raises(ad.ConfigError, match="baseline"):
+        TrainConfig(model=str(base), method="none", attention=True)
+    with pytest.raises(ad.ConfigError, match="needs --attention"):
+        ad.train(**common(base, data_file, tmp_path / "x", method="daa", lm_head=True, steps=1))
+
+
 def test_lora_under_a_method_trains_both(runs: dict[str, TrainResult], base: Path) -> None:
     peft_model = runs["method+lora"].model
     params = dict(peft_model.named_parameters())
@@ -196,8 +221,9 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_resume_after_sigkill_equals_uninterrupted(base: Path, data_file: Path, tmp_path: Path) -> None:
-    kw = common(base, data_file, tmp_path / "killed", **RUNS["method+lora"])
+@pytest.mark.parametrize("kind", ["method+lora", "method+attn"])
+def test_resume_after_sigkill_equals_uninterrupted(kind: str, base: Path, data_file: Path, tmp_path: Path) -> None:
+    kw = common(base, data_file, tmp_path / "killed", **RUNS[kind])
     kw.update(save_steps=2, steps=8)
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(kw)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -209,19 +235,30 @@ def test_resume_after_sigkill_equals_uninterrupted(base: Path, data_file: Path, 
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "run.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert not (out / "run.json").exists() and not (out / "attndenoise_model.safetensors").exists()
     last = get_last_checkpoint(str(out))
     assert last is not None and int(last.rsplit("-", 1)[1]) < 8
+    ckpt_files = {p.name: p.stat().st_size for p in Path(last).rglob("*") if p.is_file()}  # before rotation
 
     resumed = ad.train(**{**kw, "resume": True})
     assert resumed.run["resumed_from"] == last
     straight = ad.train(**{**kw, "out": str(tmp_path / "straight")})
-    for rel in ("adapter_model.safetensors", "lora/adapter_model.safetensors"):
+    second = "lora/adapter_model.safetensors" if kind == "method+lora" else PROJECTIONS_FILE
+    for rel in ("attndenoise_model.safetensors", second):
         a, b = _tensors(out / rel), _tensors(tmp_path / "straight" / rel)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (rel, k)
     assert resumed.run["loss_history"] == straight.run["loss_history"]
+    # The checkpoint holds the trained tensors, optimiser, scheduler and RNG state, not the base model (a 7B base
+    # would cost 14 GB per checkpoint): no weights file of the base; its tensors and the optimiser state are the
+    # trained tensors (the finished run's adapter files) about three times over (values + two Adam moments, plus
+    # pickling per tensor), and the rest (RNG, Trainer and scheduler state, settings) is a fixed few tens of KB.
+    assert not set(ckpt_files) & {"model.safetensors", "pytorch_model.bin"}, ckpt_files
+    trained = sum((tmp_path / "straight" / rel).stat().st_size for rel in (WEIGHTS_NAME, second))
+    scaling = sum(v for k, v in ckpt_files.items() if k.endswith(".safetensors") or k == "optimizer.pt")
+    assert scaling < 4.5 * trained, (ckpt_files, trained)
+    assert sum(ckpt_files.values()) - scaling < 40_000, ckpt_files
 
 
 def test_existing_run_needs_resume(runs: dict[str, TrainResult], base: Path, data_file: Path) -> None:
@@ -246,7 +283,7 @@ def test_torchrun_two_processes_equal_one(base: Path, data_file: Path, tmp_path:
     one = ad.train(**common(base, data_file, tmp_path / "one", **{**RUNS["method+lora"], "steps": 4, "save_steps": 2}))
     run = json.loads((ddp_out / "run.json").read_text())
     assert run["world_size"] == 2 and run["global_batch"] == 4 and one.run["global_batch"] == 4
-    for rel in ("adapter_model.safetensors", "lora/adapter_model.safetensors"):
+    for rel in ("attndenoise_model.safetensors", "lora/adapter_model.safetensors"):
         a, b = _tensors(ddp_out / rel), _tensors(one.out_dir / rel)
         assert a.keys() == b.keys()
         for k in a:
@@ -278,7 +315,7 @@ def test_cli_run_with_noise_and_set(base: Path, data_file: Path, tmp_path: Path)
     run = json.loads((out / "run.json").read_text())
     assert run["method_config"]["anneal_steps"] == 5 and run["method_config"]["layers"] == [1]
     assert run["config"]["noise"] == 0.8
-    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg = json.loads((out / "attndenoise_config.json").read_text())
     assert cfg["config"]["method"] == "diffq"
     assert set(ad.method_modules(ad.load_trained(stock(base), out))) == {1}
 
@@ -305,12 +342,34 @@ def test_short_run_warns_that_lambda_will_not_finish_its_ramp(base: Path) -> Non
     from attndenoise.train import prepare_model
 
     with pytest.warns(UserWarning, match="anneal_steps=1000 > steps=10"):
-        prepare_model(stock(base), TrainConfig(model=str(base), method="daa", steps=10))
+        prepare_model(stock(base), TrainConfig(model=str(base), method="daa", steps=10,
+                                               method_options={"anneal_steps": 1000}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # OpAmp has no lambda schedule: nothing to warn about
         prepare_model(stock(base), TrainConfig(model=str(base), method="opamp", steps=10))
         prepare_model(stock(base), TrainConfig(model=str(base), method="daa", steps=10,
                                                method_options={"anneal_steps": 10}))
+        # not set: the ramp follows the run length, so nothing to warn about either
+        prepare_model(stock(base), TrainConfig(model=str(base), method="daa", steps=10))
+
+
+def test_default_ramp_follows_the_run_length(base: Path, data_file: Path, tmp_path: Path) -> None:
+    def anneal(**kw: Any) -> int:
+        cfg = TrainConfig(steps=30, **kw).method_config()
+        assert cfg is not None
+        return cfg.anneal_steps
+
+    assert anneal(method="daa") == 30 and anneal(method="daa", method_options={"anneal_steps": 7}) == 7
+    assert anneal(method="opamp") == 1000  # no lambda schedule: left alone
+    res = ad.train(**common(base, data_file, tmp_path / "ramp", method="daa", steps=4, learning_rate=1e-3))
+    assert res.run["method_config"]["anneal_steps"] == 4
+    # DAA eq. 3 by hand at t = 2 of T = 4: (1 - 1/2) (1/2) 0.8 + (1/2) lambda_learn, lambda_learn within
+    # 2 steps x lr 1e-3 of 0 (Adam moves a parameter by at most ~lr per step): 0.2 +- 0.001. With the library's
+    # T = 1000 it would be 0.0016.
+    at2 = next(h for h in res.run["lambda_history"] if h["step"] == 2)
+    values = [v for k, vals in at2.items() if k.startswith("lambda/")
+              for v in (vals if isinstance(vals, list) else [vals])]
+    assert values and all(abs(v - 0.2) < 1.5e-3 for v in values), values
 
 
 def test_noise_mix_draws_a_ratio_per_example() -> None:

@@ -1,6 +1,7 @@
 """attndenoise: make pretrained language models attend to the relevant part of a noisy context.
 
 Public API (see README.md): ``METHODS``, ``config_for``, ``apply``, ``remove``, ``merge``, ``save``, ``load``,
+``save_pretrained`` / ``from_pretrained`` (whole patched models), ``push_to_hub``, ``set_trainable``,
 ``step``, ``LambdaCallback``, ``reference_mode``, ``train``, ``TrainConfig``, ``load_trained``,
 ``evaluate_model`` (and the per-task ``evaluate_*``), ``dataset_attention`` (SPEC 9 measures); the command line is
 :mod:`attndenoise.cli`, the demo :mod:`attndenoise.demo`.
@@ -19,6 +20,7 @@ from .evaluate import (
 )
 from .families import SUPPORTED as SUPPORTED_FAMILIES
 from .families import UnsupportedModelError
+from .hub import from_pretrained, push_to_hub, save_pretrained
 from .io import AdapterLoadError, load, save
 from .measures import AttentionMeasures, dataset_attention, example_attention, measure_attention
 from .methods.base import NotMergeableError
@@ -30,7 +32,18 @@ from .methods.dint import DINTConfig, LowRankDINTConfig
 from .methods.opamp import OpAmpConfig
 from .methods.sra import SRAConfig
 from .opamp_checkpoint import load_opamp_checkpoint
-from .patch import AlreadyAppliedError, NotAppliedError, apply, merge, method_modules, reference_mode, remove
+from .patch import (
+    AlreadyAppliedError,
+    MethodDroppedWarning,
+    MethodFrozenError,
+    NotAppliedError,
+    apply,
+    merge,
+    method_modules,
+    reference_mode,
+    remove,
+    set_trainable,
+)
 from .registry import METHODS, config_for
 from .schedule import current_lambdas, set_step, step
 from .train import TrainConfig, TrainError, load_trained, train
@@ -54,6 +67,7 @@ __all__ = [
     "AlreadyAppliedError", "NotAppliedError", "SUPPORTED_FAMILIES", "__version__",
     "DIFFConfig", "DINTConfig", "LowRankDINTConfig", "SRAConfig",
     "OpAmpConfig", "load_opamp_checkpoint",
+    "save_pretrained", "from_pretrained", "push_to_hub", "set_trainable", "MethodFrozenError", "MethodDroppedWarning",
     "train", "TrainConfig", "TrainError", "load_trained",
     "evaluate_model", "evaluate_noisy_qa", "evaluate_needle", "evaluate_perplexity", "EvalResults", "write_results",
     "read_results", "AttentionMeasures", "measure_attention", "example_attention", "dataset_attention",

@@ -26,14 +26,23 @@ def bottom_right_causal(nq: int, nk: int, device: torch.device) -> torch.Tensor:
     return (j <= i + (nk - nq)).view(1, 1, nq, nk)
 
 
+def top_left_causal(nq: int, nk: int, device: torch.device) -> torch.Tensor:
+    """Query i sees keys j <= i: what SDPA's ``is_causal`` does, and what transformers means by ``mask=None``."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return (j <= i).view(1, 1, nq, nk)
+
+
 def resolve_mask(
     mask: torch.Tensor | None, nq: int, nk: int, causal: bool, device: torch.device
 ) -> tuple[torch.Tensor | None, bool]:
     """Return ``(mask, is_causal)`` for SDPA, matching transformers' stock sdpa rules (SPEC 0.4).
 
-    transformers passes ``mask=None`` when there is no padding and ``nq == nk`` (use SDPA's causal flag) or
-    ``nq == 1`` (nothing to mask). Any other maskless case gets an explicit bottom-right mask, because SDPA's own
-    ``is_causal`` aligns top-left.
+    transformers passes ``mask=None`` when there is no padding and ``nq == nk`` or ``nq == 1`` (nothing to mask),
+    and also at the prefill of a *static* cache, where ``nk`` is the cache's full length and the keys past the
+    prompt are empty slots. Stock sdpa then uses SDPA's ``is_causal`` (top-left: query i sees keys j <= i), which
+    is right in every one of these cases, so do the same; a bottom-right alignment would let the last queries see
+    the empty slots (measured: logits off by 0.05-0.6 against the dynamic cache before this rule).
     """
     if mask is not None:
         if mask.dtype == torch.bool and mask.shape[-1] != nk:
@@ -41,9 +50,7 @@ def resolve_mask(
         return mask, False
     if not causal or nq == 1:
         return None, False
-    if nq == nk:
-        return None, True
-    return bottom_right_causal(nq, nk, device), False
+    return None, True
 
 
 def _valid_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -135,7 +142,7 @@ def probs(
         scores = torch.tanh(scores / softcap) * softcap
     m, is_causal = resolve_mask(mask, q.shape[-2], k.shape[-2], causal, q.device)
     if is_causal:
-        m = bottom_right_causal(q.shape[-2], k.shape[-2], q.device)
+        m = top_left_causal(q.shape[-2], k.shape[-2], q.device)
     if m is not None:
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
     p = torch.softmax(scores, dim=-1)

@@ -1,7 +1,7 @@
 """Method configurations: the common fields every method shares, validated at construction.
 
 Each method file defines a dataclass that subclasses :class:`MethodConfig` and adds its own options
-(SPEC sections 1-8). Configs are plain data: they serialise to ``adapter_config.json`` and back.
+(SPEC sections 1-8). Configs are plain data: they serialise to ``attndenoise_config.json`` and back.
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ class MethodConfig:
             raise ConfigError(f"anneal_steps={self.anneal_steps!r}: must be an integer >= 0")
         if isinstance(self.lambda_init, str):
             _choice("lambda_init", self.lambda_init, ("depth",))
-        elif not isinstance(self.lambda_init, (int, float)) or not math.isfinite(self.lambda_init):
+        elif (isinstance(self.lambda_init, bool) or not isinstance(self.lambda_init, (int, float))
+              or not math.isfinite(self.lambda_init)):
+            # bool is an int subclass: True would silently mean 1.0
             raise ConfigError(f"lambda_init={self.lambda_init!r}: must be a finite number or 'depth'")
         _choice("lambda_schedule", self.lambda_schedule, _SCHEDULES)
         _choice("lambda_granularity", self.lambda_granularity, _GRANULARITIES)
@@ -87,12 +89,23 @@ class MethodConfig:
 
     # -- layer selection ----------------------------------------------------------------------------------------
     def select_layers(self, num_layers: int) -> list[int]:
-        """Resolve :attr:`layers` against a model with ``num_layers`` attention layers."""
+        """Resolve :attr:`layers` against a model with ``num_layers`` attention layers.
+
+        A selection that selects no layer (``"every:4:6"`` on a 4-layer model) raises :class:`ConfigError`: patching
+        nothing would save an empty adapter and give the optimiser no parameters.
+        """
         if self.layers == "all":
             return list(range(num_layers))
         if isinstance(self.layers, str):
             every, offset = _parse_every(self.layers)
-            return list(range(offset, num_layers, every))
+            chosen = list(range(offset, num_layers, every))
+            if not chosen:
+                raise ConfigError(
+                    f"layers={self.layers!r} selects no layer of a model with {num_layers} layers (the offset must "
+                    f"be < {num_layers}); accepted: 'all', indices in [-{num_layers}, {num_layers - 1}], 'every:N' "
+                    "or 'every:N:OFFSET'"
+                )
+            return chosen
         out = []
         for i in self.layers:
             j = i + num_layers if i < 0 else i

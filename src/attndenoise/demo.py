@@ -192,7 +192,7 @@ def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int,
     if run_file.exists():
         run = json.loads(run_file.read_text())
         recorded = run.get("config", {})
-        wanted = {k: v for k, v in tconf.to_dict().items() if k not in ("progress", "resume")}
+        wanted = {k: v for k, v in tconf.to_dict().items() if k not in ("progress", "resume", "force_resume")}
         if all(recorded.get(k) == v for k, v in wanted.items()):
             model, tokenizer = _load_base(base)
             return load_trained(model, run_dir).eval(), tokenizer, run, True

@@ -31,6 +31,7 @@ import json
 import math
 import re
 import string
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,9 +45,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .data.examples import ChatExample, Example, NoisyExample, noisy_examples
 from .data.formatting import DEFAULT_FORMAT, PromptFormat, collate, encode_for_training, format_context
-from .data.loading import load_examples
+from .data.loading import DataFormatError, load_examples
 from .data.retrieval import squad_normalize
 from .data.synthetic import SyntheticQA
+from .data.tokenizer import warn_unknown_tokens
 
 DEFAULT_NOISE_RATIOS = (0.0, 0.5, 0.8, 0.9)
 DEFAULT_CONTEXT_LENGTHS = (64, 128, 256)
@@ -364,6 +366,32 @@ def score_predictions(examples: Sequence[Example], answers: Sequence[tuple[str, 
     return out
 
 
+class EmptyAnswersWarning(UserWarning):
+    """Every generated answer of a setting is empty: the scores are 0 because the model said nothing."""
+
+
+def warn_if_empty(predictions: Sequence[Prediction], setting: str) -> None:
+    """Warn when every prediction of ``setting`` is ``""`` (a broken adapter, or a model that ends its turn at once),
+    which would otherwise read as a plain score of 0."""
+    if predictions and all(not p.prediction.strip() for p in predictions):
+        warnings.warn(
+            f"{setting}: all {len(predictions)} answers are empty (the model ends its answer at once: EOS or a line "
+            "break first). The scores say nothing about retrieval; check the model, the adapter and the prompt "
+            "format (a chat model needs its chat template)", EmptyAnswersWarning, stacklevel=2,
+        )
+
+
+def example_texts(examples: Iterable[Example]) -> list[str]:
+    """The texts of ``examples`` a model reads or writes: documents, question and answer, or chat contents."""
+    out: list[str] = []
+    for ex in examples:
+        if isinstance(ex, NoisyExample):
+            out += [*ex.documents, ex.question, ex.answer]
+        else:
+            out += [str(m["content"]) for m in ex.messages]
+    return out
+
+
 def qa_result(noise_ratio: float | None, predictions: list[Prediction]) -> QAResult:
     """The mean of every metric over ``predictions``."""
     return QAResult(
@@ -414,6 +442,10 @@ def evaluate_noisy_qa(
     for chat examples, which have no documents to add).
     """
     raw = qa_examples(n, seed=seed, data=data)
+    if not raw:
+        raise ValueError(f"no examples to evaluate (n={n}); give n >= 1")
+    warn_unknown_tokens(tokenizer, tokenizer(example_texts(raw), add_special_tokens=False)["input_ids"],
+                        "evaluation data" if data is None or not isinstance(data, str | Path) else str(data))
     if noise_ratios is None:
         settings: list[tuple[float | None, list[Example]]] = [(None, raw)]
     else:
@@ -430,6 +462,7 @@ def evaluate_noisy_qa(
         answers = generate_answers(model, tokenizer, exs, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                    max_length=max_length, fmt=fmt)
         results.append(qa_result(ratio, score_predictions(exs, answers)))
+        warn_if_empty(results[-1].predictions, "noisy-qa" + ("" if ratio is None else f" at noise {ratio:g}"))
     return results
 
 
@@ -452,6 +485,7 @@ def evaluate_needle(
             exs: list[Example] = [SyntheticQA.needle(int(length), float(depth), seed=seed + i) for i in range(n)]
             preds = score_predictions(exs, generate_answers(
                 model, tokenizer, exs, batch_size=batch_size, max_new_tokens=max_new_tokens))
+            warn_if_empty(preds, f"needle at length {int(length)}, depth {float(depth):g}")
             cells.append(NeedleCell(context_len=int(length), depth=float(depth), n=len(preds),
                                     exact_match=_mean(p.exact_match for p in preds), predictions=preds))
     return cells
@@ -474,16 +508,27 @@ def read_texts(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such text file: {p}")
-    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    try:
+        content = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{p.name}: not valid UTF-8 (byte {e.start})") from None
     if p.suffix.lower() in (".jsonl", ".ndjson"):
         texts = []
-        for i, line in enumerate(lines, 1):
-            rec = json.loads(line)
+        for i, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{p.name}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"{p.name}:{i}: expected an object with a string field 'text'")
+                raise DataFormatError(f"{p.name}:{i}: expected an object with a string field 'text'")
             texts.append(rec["text"])
-        return texts
-    return lines
+    else:
+        texts = [line for line in content.splitlines() if line.strip()]
+    if not texts:
+        raise DataFormatError(f"{p.name}: no texts (give one text per line, or JSONL with a 'text' field)")
+    return texts
 
 
 def evaluate_perplexity(
@@ -575,7 +620,8 @@ TASKS = ("noisy-qa", "needle", "ppl")
 
 __all__ = [
     "evaluate_model", "evaluate_noisy_qa", "evaluate_needle", "evaluate_perplexity", "generate_answers",
-    "score_predictions", "qa_examples", "held_out_texts", "read_texts", "normalize_text", "exact_match", "token_f1",
+    "score_predictions", "qa_examples", "EmptyAnswersWarning", "warn_if_empty", "example_texts",
+    "held_out_texts", "read_texts", "normalize_text", "exact_match", "token_f1",
     "lenient_match", "METRICS", "Prediction", "QAResult", "NeedleCell", "PerplexityResult", "EvalResults",
     "write_results", "read_results", "TASKS", "DEFAULT_NOISE_RATIOS", "DEFAULT_CONTEXT_LENGTHS", "DEFAULT_DEPTHS",
 ]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .wrappers import is_adapted
+
 #: a transformers attention module: its attributes differ per family, so it is typed ``Any``
 AttnModule = Any
 
@@ -129,15 +131,81 @@ def projection(module: AttnModule, which: str) -> tuple[torch.Tensor, torch.Tens
     return module.c_attn.weight[:, sl].t(), module.c_attn.bias[sl]
 
 
+def _projection_module(module: AttnModule, which: str) -> tuple[nn.Module, slice | None]:
+    """The module that computes ``which`` and the slice of its output that is ``which`` (fused layouts)."""
+    fam = family_of(module)
+    assert fam is not None
+    if fam.layout == "split":
+        return getattr(module, f"{which}_proj"), None
+    if which == "o":
+        return (module.o_proj if fam.layout == "fused" else module.c_proj), None
+    return (module.qkv_proj if fam.layout == "fused" else module.c_attn), _slices(module)[which]
+
+
+def _unadapted(lin: nn.Module) -> nn.Module:
+    while is_adapted(lin):
+        lin = lin.base_layer  # type: ignore[assignment]
+    return lin
+
+
+def _base_bias(lin: nn.Module, sl: slice | None) -> torch.Tensor | None:
+    b: torch.Tensor | None = getattr(_unadapted(lin), "bias", None)
+    return None if b is None else (b if sl is None else b[sl])
+
+
+def effective_projection(module: AttnModule, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Detached copies of the ``(weight (out, in), bias)`` the layer applies *now*: a peft adapter (LoRA) on the
+    projection is included, so a copy taken before ``merge_and_unload`` equals the merged weight.
+
+    Without an adapter this is :func:`projection`; with one, the wrapped module is evaluated on the identity (in
+    eval mode, no dropout), which covers every peft tuner type without knowing its formula.
+    """
+    lin, sl = _projection_module(module, which)
+    if not is_adapted(lin):
+        w, b = projection(module, which)
+        return w.detach().clone(), None if b is None else b.detach().clone()
+    base = _unadapted(lin)
+    bw: torch.Tensor = base.weight  # type: ignore[assignment]
+    fan_in = bw.shape[0] if type(base).__name__ == "Conv1D" else bw.shape[1]  # Conv1D stores (in, out)
+    b_full = getattr(base, "bias", None)
+    was = lin.training
+    lin.eval()
+    try:
+        with torch.no_grad():
+            y = lin(torch.eye(fan_in, dtype=bw.dtype, device=bw.device))  # row i = W_eff e_i + b: (in, out)
+    finally:
+        lin.train(was)
+    if b_full is not None:
+        y = y - b_full
+    w = y.t().contiguous()
+    b = None if b_full is None else b_full.detach().clone()
+    if sl is not None:
+        w, b = w[sl].contiguous(), (None if b is None else b[sl].contiguous())
+    return w, b
+
+
 def project(module: AttnModule, x: torch.Tensor, which: str, *, bias: bool = True) -> torch.Tensor:
     """Per-head projection of layer input ``x`` (B, N, d_model) -> (B, heads, N, d), before RoPE.
 
     Applies the family's per-head ``q_norm`` / ``k_norm`` (Qwen3, Gemma 3) exactly where the stock forward does,
     so ``rope(project(module, x, "q"))`` reproduces the stock query for the same ``x``.
+
+    A projection wrapped by a peft adapter (LoRA) is *called*, so ``x`` goes through the effective projection
+    (base + LoRA, gradients reaching the LoRA) exactly as the stock query/key/value does, and a later
+    ``merge_and_unload`` leaves the output unchanged.
     """
-    w, b = projection(module, which)
-    y = F.linear(x, w, b if bias else None)
-    y = y.view(*x.shape[:-1], -1, module.head_dim)
+    lin, sl = _projection_module(module, which)
+    if is_adapted(lin):
+        y = lin(x)
+        if sl is not None:
+            y = y[..., sl]
+        b = _base_bias(lin, sl)
+        if not bias and b is not None:
+            y = y - b
+    else:
+        w, b = projection(module, which)
+        y = F.linear(x, w, b if bias else None)
+    y = y.reshape(*x.shape[:-1], -1, module.head_dim)
     norm = getattr(module, f"{which}_norm", None) if which in ("q", "k") else None
     if norm is not None:
         y = norm(y)

@@ -1,7 +1,12 @@
-"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``, nothing else, never pickle.
+"""Adapter files: ``attndenoise_config.json`` + ``attndenoise_model.safetensors``, nothing else, never pickle.
+
+The names are our own, so a peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and ours can share
+a folder, and peft, the Trainer and Hub tools do not take ours for theirs. Folders written before under peft's names
+(format 1, same content) still load.
 
 Loading is strict: another base architecture, or a missing, extra or mis-shaped tensor, raises
-:class:`AdapterLoadError` naming what is wrong, and leaves the model as it was.
+:class:`AdapterLoadError` naming what is wrong, and leaves the model as it was. ``load`` also accepts a Hub id
+(``"org/name"``, through :mod:`attndenoise.hub`).
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import registry
+from .config import ConfigError
 from .families import attention_layers, family_of, geometry
 from .patch import apply, method_modules, remove, require_state
+from .wrappers import unwrap
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "attndenoise_config.json"
+WEIGHTS_NAME = "attndenoise_model.safetensors"
+#: the names used up to attndenoise 0.1.0 (peft's): read, never written
+LEGACY_CONFIG_NAME = "adapter_config.json"
+LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -32,6 +42,7 @@ class AdapterLoadError(ValueError):
 
 def base_signature(model: nn.Module) -> dict[str, Any]:
     """What an adapter must agree with: family and attention geometry of the base model."""
+    model = unwrap(model)
     layers = attention_layers(model)
     attn = layers[0][1]
     g = geometry(attn)
@@ -83,10 +94,30 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     return d
 
 
+def adapter_files(directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(config, weights)`` paths of the adapter in ``directory``: our names, else the legacy (peft's) names of a
+    folder we wrote before; a peft adapter alone is refused with what to use instead."""
+    d = Path(directory)
+    if (d / CONFIG_NAME).is_file():
+        return d / CONFIG_NAME, d / WEIGHTS_NAME
+    legacy = d / LEGACY_CONFIG_NAME
+    if legacy.is_file():
+        try:
+            meta = json.loads(legacy.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None
+        if isinstance(meta, dict) and "peft_type" in meta:
+            raise AdapterLoadError(
+                f"{d}: holds a peft adapter ({LEGACY_CONFIG_NAME} with peft_type={meta['peft_type']!r}), no "
+                f"attndenoise adapter ({CONFIG_NAME}); load it with peft.PeftModel.from_pretrained"
+            )
+        return legacy, d / LEGACY_WEIGHTS_NAME
+    raise AdapterLoadError(f"{d / CONFIG_NAME}: no adapter config here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+
+
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: no adapter config here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    """The adapter metadata in ``directory`` (config, base signature, format version)."""
+    path = adapter_files(directory)[0]
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -97,19 +128,31 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
-    """Apply the adapter saved in ``directory`` to a stock ``model`` of the same base; returns the model."""
+    """Apply the adapter saved in ``directory`` (a folder, or a Hub id ``"org/name"``) to a stock ``model`` of the
+    same base; returns the model. ``model`` may be wrapped (PeftModel, DDP, ``torch.compile``)."""
     d = Path(directory)
+    if not d.exists():
+        from .hub import ADAPTER_FILES, is_hub_id, snapshot
+
+        if is_hub_id(str(directory)):
+            d = snapshot(str(directory), ADAPTER_FILES)
+    cpath, wpath = adapter_files(d)
     meta = read_config(d)
     expected, actual = meta["base"], base_signature(model)
     diffs = [f"{k}: adapter {expected.get(k)!r} vs model {actual[k]!r}" for k in actual if expected.get(k) != actual[k]]
     if diffs:
         raise AdapterLoadError(f"{d}: adapter was made for another base architecture ({'; '.join(diffs)})")
-    cfg_data = dict(meta["config"])
-    config = registry.config_for(cfg_data.pop("method"), **cfg_data)
-    wpath = d / WEIGHTS_NAME
+    cfg_data = dict(meta["config"]) if isinstance(meta["config"], dict) else {}
+    method = cfg_data.pop("method", None)
+    if not isinstance(method, str):
+        raise AdapterLoadError(f"{cpath}: the 'config' section names no method")
+    try:
+        config = registry.config_for(method, **cfg_data)
+    except ConfigError as e:
+        raise AdapterLoadError(f"{cpath}: {e}") from None
     if not wpath.is_file():
         raise AdapterLoadError(f"{wpath}: missing adapter weights")
-    tensors = load_file(str(wpath))
+    tensors = read_tensors(wpath)
     apply(model, config)
     try:
         _copy_strict(model, tensors, wpath)
@@ -117,6 +160,18 @@ def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
         remove(model)
         raise
     return model
+
+
+def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt file raises :class:`AdapterLoadError` naming it
+    (safetensors' own error names neither the file nor what to do)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterLoadError(f"{path}: not a readable safetensors file ({e}); the file is damaged or truncated "
+                               "(e.g. a copy that did not finish): write it again") from None
 
 
 def _copy_strict(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -144,6 +199,11 @@ def copy_tensors_strict(
             raise AdapterLoadError(
                 f"{source}: tensor {k} has shape {tuple(tensors[k].shape)}, the model expects {tuple(t.shape)}"
             )
+    # A NaN or inf in one tensor makes every output NaN (evaluation then scores 0 without saying why): refuse it.
+    bad = sorted(k for k in targets if tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all()))
+    if bad:
+        raise AdapterLoadError(f"{source}: non-finite values (NaN or inf) in tensor(s) {', '.join(bad)}; the run that "
+                               "wrote them diverged: retrain (e.g. with a lower learning rate)")
     with torch.no_grad():
         for k, t in targets.items():
             t.copy_(tensors[k].to(device=t.device, dtype=t.dtype))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +29,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import registry
-from .attention import bottom_right_causal, resolve_mask
+from .attention import resolve_mask, top_left_causal
 from .config import MethodConfig
 from .families import attention_layers, family_of, geometry, is_causal
 from .methods.base import Call, LayerContext, LayerInfo, MethodModule
+from .wrappers import adapter_parameters, is_adapted, is_data_parallel, unwrap
 
 ATTN_IMPLEMENTATION = "attndenoise"
 _SLOT = "attndenoise"  # submodule name of the method module inside an attention module
@@ -44,6 +47,14 @@ class NotAppliedError(RuntimeError):
     """The model carries no attndenoise method."""
 
 
+class MethodFrozenError(RuntimeError):
+    """A training forward runs while every parameter of the method is frozen (``peft.get_peft_model`` does that)."""
+
+
+class MethodDroppedWarning(UserWarning):
+    """``model.save_pretrained`` on a patched model: stock loading of that folder drops the method."""
+
+
 @dataclass
 class PatchState:
     """What :func:`apply` changed, so :func:`remove` can undo it exactly."""
@@ -53,6 +64,8 @@ class PatchState:
     original_impl: str
     requires_grad: dict[str, bool]
     hooks: list[Any] = field(default_factory=list)
+    #: set by :func:`set_trainable` ``(model, False)``: the method is frozen on purpose (e.g. train only a LoRA)
+    frozen: bool = False
 
 
 # -- the attention function ---------------------------------------------------------------------------------------
@@ -85,7 +98,7 @@ def _stock_attention(
         return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, mask, **kwargs)  # type: ignore[no-any-return]
     m, causal_flag = resolve_mask(mask, query.shape[-2], key.shape[-2], is_causal(module), query.device)
     if causal_flag:
-        m = bottom_right_causal(query.shape[-2], key.shape[-2], query.device)
+        m = top_left_causal(query.shape[-2], key.shape[-2], query.device)
     if m is not None and m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~m, torch.finfo(query.dtype).min
@@ -145,11 +158,33 @@ class _CacheProxy:
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
+def _check_trainable(method: MethodModule) -> None:
+    """Refuse a training forward of a method whose parameters were all frozen behind its back.
+
+    ``peft.get_peft_model`` (and TRL's ``peft_config=``) sets ``requires_grad=False`` on every non-LoRA parameter,
+    the method's included, and says nothing: without this check the method silently stays at its initial value.
+    """
+    if not (method.training and torch.is_grad_enabled()) or getattr(method, "_ad_frozen", False):
+        return
+    params = list(method.parameters())
+    if params and not any(p.requires_grad for p in params):
+        raise MethodFrozenError(
+            f"training forward with every parameter of the attndenoise method '{method.config.name}' frozen "
+            "(peft.get_peft_model freezes all non-LoRA parameters). Call attndenoise.set_trainable(model) after "
+            "get_peft_model and before creating the optimizer (a Trainer with attndenoise.LambdaCallback() does it "
+            "for you), or apply the method after wrapping with peft; to train the LoRA alone on purpose call "
+            "attndenoise.set_trainable(model, False)"
+        )
+
+
 def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     method: MethodModule = getattr(module, _SLOT)
+    _check_trainable(method)
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     cache_key = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
     cache = kwargs[cache_key] if cache_key else None
+    if cache is not None:
+        method.check_cache(module, cache)
     ctx = LayerContext(
         hidden_states=hidden, position_embeddings=kwargs.get("position_embeddings"), cached=cache is not None
     )
@@ -166,7 +201,8 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 
 
 def state_of(model: nn.Module) -> PatchState | None:
-    return model.__dict__.get("_attndenoise")
+    """The patch state of ``model`` (seen through peft / DDP / compile wrappers), or ``None``."""
+    return unwrap(model).__dict__.get("_attndenoise")
 
 
 def require_state(model: nn.Module) -> PatchState:
@@ -179,9 +215,11 @@ def require_state(model: nn.Module) -> PatchState:
 def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
     """Attach ``config``'s method to the chosen layers of ``model`` (SPEC 0).
 
-    Base parameters are frozen and the method's parameters are trainable. Extra keyword arguments go to the
-    method's calibration (e.g. DEX's entropy head selection takes ``calibration_inputs``).
-    Returns the same model object.
+    Base parameters are frozen and the method's parameters are trainable; peft adapter parameters (a LoRA applied
+    before) keep their ``requires_grad``, so method and LoRA train together. ``model`` may be wrapped (PeftModel,
+    DDP, ``torch.compile``): the method goes onto the transformers model inside, where a peft merge keeps it.
+    Extra keyword arguments go to the method's calibration (e.g. DEX's entropy head selection takes
+    ``calibration_inputs``). Returns the same model object.
     """
     if not isinstance(config, MethodConfig):
         raise TypeError(f"apply() needs a method config (see attndenoise.config_for); got {type(config).__name__}")
@@ -189,6 +227,12 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
         raise AlreadyAppliedError(
             f"the model already has method '{require_state(model).config.name}'; call attndenoise.remove first"
         )
+    if is_data_parallel(model):
+        # DDP registered its parameters when it was built: the method's would get no gradient all-reduce, and the
+        # processes would drift apart silently
+        raise TypeError(f"apply() on a {type(model).__name__}-wrapped model: apply the method first, then wrap "
+                        "(DDP / accelerate's prepare / the Trainer do the wrapping for you)")
+    given, model = model, unwrap(model)
     layers = attention_layers(model)
     module_cls = registry.module_class(config)
     config = module_cls.calibrate(model, config, **kwargs)
@@ -198,8 +242,10 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
         config=config, layers={}, original_impl=original,
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
+    keep = {id(p) for p in adapter_parameters(model)}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in keep:
+            p.requires_grad_(False)
     for i, (_, attn) in enumerate(layers):
         setattr(attn, "_ad_fallback", original)  # noqa: B010
         if i not in chosen:
@@ -212,7 +258,30 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
         state.layers[i] = attn
     setattr(model, "_attndenoise", state)  # noqa: B010
     _set_impl(model, ATTN_IMPLEMENTATION)
-    return model
+    if callable(getattr(model, "save_pretrained", None)):
+        # an instance attribute, removed by remove/merge; a bound method, so deepcopy rebinds it to the copy
+        setattr(model, "save_pretrained", types.MethodType(_warning_save_pretrained, model))  # noqa: B010
+    return given
+
+
+def _warning_save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+    """``save_pretrained`` of a patched model: saves as transformers does, adds the adapter files, warns."""
+    warnings.warn(
+        f"save_pretrained on a model patched with attndenoise method '{require_state(self).config.name}': "
+        "AutoModelForCausalLM.from_pretrained on that folder silently drops the method (its tensors are reported "
+        "as UNEXPECTED keys). The folder also holds the attndenoise adapter files: load it with "
+        "attndenoise.from_pretrained(folder), and save with attndenoise.save_pretrained(model, folder)",
+        MethodDroppedWarning, stacklevel=2,
+    )
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)  # type: ignore[attr-defined]
+    if kwargs.get("is_main_process", True):
+        from .io import save
+
+        save(self, save_directory)
+    return out
+
+
+_warning_save_pretrained.__name__ = "save_pretrained"  # so pickle re-binds the class's method, not a missing name
 
 
 def _set_impl(model: Any, name: str) -> None:
@@ -224,6 +293,7 @@ def _set_impl(model: Any, name: str) -> None:
 
 def _detach(model: nn.Module, restore_grad: bool) -> PatchState:
     st = require_state(model)
+    model = unwrap(model)
     for h in st.hooks:
         h.remove()
     for attn in st.layers.values():
@@ -233,10 +303,12 @@ def _detach(model: nn.Module, restore_grad: bool) -> PatchState:
         attn.__dict__.pop("_ad_ctx", None)
         attn.__dict__.pop("_ad_eager", None)
     del model.__dict__["_attndenoise"]
+    model.__dict__.pop("save_pretrained", None)
     _set_impl(model, st.original_impl)
     if restore_grad:
+        # by name; a parameter renamed since (peft wraps q_proj as q_proj.base_layer) keeps its current state
         for n, p in model.named_parameters():
-            p.requires_grad_(st.requires_grad.get(n, True))
+            p.requires_grad_(st.requires_grad.get(n, p.requires_grad))
     return st
 
 
@@ -250,13 +322,20 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold a mergeable method (DEX, DiffV) into the base weights, then take it off: same outputs, no extra cost."""
     st = require_state(model)
     methods = [getattr(a, _SLOT) for a in st.layers.values()]
-    if not all(m.mergeable for m in methods):
-        from .methods.base import NotMergeableError
+    from .methods.base import NotMergeableError
 
+    if not all(m.mergeable for m in methods):
         mergeable = registry.mergeable_methods()
         raise NotMergeableError(
             f"method '{st.config.name}' cannot be merged into the base weights; mergeable methods: "
             f"{', '.join(mergeable)} (use attndenoise.remove to drop it instead)"
+        )
+    adapted = sorted({n for a in st.layers.values() for n, c in a.named_children() if is_adapted(c)})
+    if adapted:
+        # folding into the base weight under a LoRA would leave the LoRA's delta untransformed: outputs would change
+        raise NotMergeableError(
+            f"the attention projections ({', '.join(adapted)}) carry a peft adapter: merge it first "
+            "(model = peft_model.merge_and_unload()), then call attndenoise.merge(model)"
         )
     with torch.no_grad():
         for attn, m in zip(st.layers.values(), methods, strict=True):
@@ -270,11 +349,27 @@ def method_modules(model: nn.Module) -> dict[int, MethodModule]:
     return {i: getattr(a, _SLOT) for i, a in require_state(model).layers.items()}
 
 
+def set_trainable(model: nn.Module, trainable: bool = True) -> nn.Module:
+    """Make the method's parameters trainable (again) or freeze them on purpose.
+
+    ``True`` undoes the freeze of ``peft.get_peft_model`` (which sets ``requires_grad=False`` on everything but
+    the LoRA); call it before the optimizer is created. ``False`` freezes the method and declares it intended, so a
+    training forward does not raise :class:`MethodFrozenError` (e.g. to train only a LoRA under a trained method).
+    """
+    st = require_state(model)
+    st.frozen = not trainable
+    for m in method_modules(model).values():
+        m.__dict__["_ad_frozen"] = not trainable
+        for p in m.parameters():
+            p.requires_grad_(trainable)
+    return model
+
+
 @contextlib.contextmanager
 def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block patched layers build explicit maps (the eager reference path) and return the method's
     effective combined map as attention weights (``output_attentions``, plots, SPEC 9 measures)."""
-    layers = [a for _, a in attention_layers(model)]
+    layers = [a for _, a in attention_layers(unwrap(model))]
     for a in layers:
         setattr(a, "_ad_eager", True)  # noqa: B010
     try:

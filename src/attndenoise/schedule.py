@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .wrappers import unwrap
+
 
 class LambdaSchedule(nn.Module):
     """Learned lambda of one layer plus the schedule state.
@@ -48,7 +50,7 @@ class LambdaSchedule(nn.Module):
 
 
 def _schedules(model: nn.Module) -> list[LambdaSchedule]:
-    return [m for m in model.modules() if isinstance(m, LambdaSchedule)]
+    return [m for m in unwrap(model).modules() if isinstance(m, LambdaSchedule)]
 
 
 def step(model: nn.Module, n: int = 1) -> int:
@@ -66,16 +68,13 @@ def set_step(model: nn.Module, value: int) -> None:
 
 
 def current_lambdas(model: nn.Module) -> dict[str, list[float]]:
-    """Current lambda per patched layer (module name -> values), for logging."""
+    """Current lambda per patched layer (module name -> values), for logging; names are those inside any wrapper
+    (PeftModel, DDP), so they do not change with the wrapping."""
     out = {}
-    for name, m in model.named_modules():
+    for name, m in unwrap(model).named_modules():
         if isinstance(m, LambdaSchedule):
             out[name] = [round(float(v), 6) for v in m().detach().cpu()]
     return out
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    # DDP / accelerate wrappers keep the real model under .module
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+__all__ = ["LambdaSchedule", "step", "set_step", "current_lambdas", "unwrap"]

@@ -1,18 +1,24 @@
 """Training: one entry point for every method and the two baselines, built on ``transformers.Trainer``.
 
-Four kinds of run share the same data, step budget and optimiser, so their results compare fairly:
+Five kinds of run share the same data, step budget and optimiser, so their results compare fairly (compare within a
+protocol: ``method+attn`` against ``none``, ``method+lora`` against ``lora``):
 
 * ``method``: an attndenoise method (``daa``, ``dex``, ...); only its parameters train.
-* ``method+lora``: a method with a peft LoRA on the attention projections under it; both train.
+* ``method+attn``: the method and the patched layers' attention projections (q, k, v, o; optionally ``lm_head``)
+  train together: the protocol of "Differential Attention for Pretrained LLMs" appendix D ("we fine-tuned only the
+  parameters within the attention modules"; self-attention plus lm_head for its Llama runs), whose baseline is
+  ``none`` (the same training without the method).
+* ``method+lora``: a method with a peft LoRA on the attention projections under it; both train (the OpAmp paper
+  trains its adapters together with QLoRA).
 * ``lora``: peft LoRA on the attention projections, nothing else (baseline).
 * ``none``: plain fine-tuning of the attention projections (q/k/v/o), everything else frozen (baseline).
 
 The output directory ends up holding::
 
     run.json                              kind, method, config, base model, steps, loss/lambda history, seconds
-    adapter_config.json + adapter_model.safetensors   the method adapter (attndenoise.save), method kinds
+    attndenoise_config.json + attndenoise_model.safetensors   the method adapter (attndenoise.save), method kinds
     lora/                                 the peft adapter, LoRA kinds
-    projections.safetensors               the trained projection tensors, kind none
+    projections.safetensors               the trained projection tensors, kinds none and method+attn
     checkpoint-N/                         Trainer checkpoints (each renamed into place only once complete)
 
 :func:`load_trained` turns any of these back into a trained model. ``run.json`` is written last, so a directory with
@@ -41,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -54,11 +60,14 @@ from .data import (
     SyntheticQA,
     collate,
     encode_examples,
+    examples_from_records,
     load_examples,
     noisy_examples,
+    warn_unknown_tokens,
 )
 from .families import attention_layers
-from .io import AdapterLoadError, _copy_strict, base_signature, copy_tensors_strict, load, save
+from .io import AdapterLoadError, _copy_strict, base_signature, copy_tensors_strict, load, read_tensors, save
+from .patch import _SLOT as _METHOD_SLOT
 from .patch import apply, remove, state_of
 from .schedule import current_lambdas
 
@@ -66,13 +75,20 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback
 
 BASELINES = ("none", "lora")
-KINDS = ("method", "method+lora", "lora", "none")
+KINDS = ("method", "method+attn", "method+lora", "lora", "none")
 RUN_FILE = "run.json"
 LORA_DIR = "lora"
 PROJECTIONS_FILE = "projections.safetensors"
 # Method tensors inside a checkpoint of a method+lora run: a flat file, because the Trainer takes any subfolder holding
 # adapter_model.safetensors for a peft adapter.
 CHECKPOINT_METHOD_FILE = "attndenoise_method.safetensors"
+# Kinds method and none: a checkpoint holds only the trained tensors (plus optimiser, scheduler, RNG and Trainer
+# state), not the whole base model.
+CHECKPOINT_TRAINABLE_FILE = "attndenoise_trainable.safetensors"
+# The settings (TrainConfig) a checkpoint was trained with, so --resume can refuse changed ones.
+CHECKPOINT_RECORD_FILE = "attndenoise_train.json"
+# Fields that may change on --resume without changing what is trained.
+RESUME_FREE = ("out", "resume", "force_resume", "progress", "save_steps", "save_total_limit", "logging_steps")
 RUN_FORMAT = 1
 SYNTHETIC = "synthetic"
 SYNTHETIC_DEFAULT_NOISE = 0.8
@@ -98,6 +114,8 @@ class TrainConfig:
             ``"smollm2-135m"``, a ``.gguf`` file, a local folder or a hub id (``attndenoise.models.resolve_model``).
         method: a registered method name, or the baselines ``"none"`` (fine-tune q/k/v/o) / ``"lora"``.
         data: a data file or ``datasets`` folder (see ``attndenoise.data.load_examples``), or ``"synthetic"``.
+            :func:`train` also takes in-memory records here (a ``datasets.Dataset`` or a list of dicts); the config
+            then records ``"<in-memory: N records, sha256 ...>"`` (see :func:`in_memory_label`).
         out: output directory.
         method_options: fields of the method's config (``anneal_steps``, ``layers``, ...).
         noise: noise ratio of the training contexts (distractors from the example's own list, then from other
@@ -108,10 +126,28 @@ class TrainConfig:
         max_length: tokens per example; longer ones lose distractors first, and are skipped when even the gold
             documents do not fit.
         save_steps: checkpoint every this many steps (``save_total_limit`` of them are kept).
-        resume: continue from the last checkpoint in ``out`` (start fresh when there is none).
+        resume: continue from the last checkpoint in ``out`` (start fresh when there is none). The settings recorded
+            in the checkpoint must equal these (all fields but ``RESUME_FREE``: out, progress, save and logging
+            steps); a difference raises :class:`TrainError` naming the fields. Resuming a finished run changes
+            nothing and returns it.
+        force_resume: resume even though the settings differ; the differences go into ``run.json``
+            (``resume_overrides``).
+        attention: train the patched layers' attention projections (q, k, v, o) together with the method (kind
+            ``method+attn``, the DAA paper's protocol; its baseline is ``none``). Not with ``lora``.
+        lm_head: with ``attention``, train ``lm_head`` too (the DAA paper's Llama runs); with tied embeddings that
+            is the input embedding matrix.
         lora / lora_rank / lora_alpha / lora_dropout: stack a peft LoRA on the attention projections under the method.
         qlora: LoRA over a 4-bit base (CUDA and bitsandbytes only).
         synthetic_examples: how many synthetic training examples to generate.
+        warmup_steps / weight_decay / lr_scheduler (linear, constant, constant_with_warmup, cosine): the optimiser
+            schedule. dtype: float32, bfloat16 or float16 for the base model.
+
+    Lambda schedule: when ``method_options`` does not set ``anneal_steps``, a method with a lambda schedule anneals
+    over the whole run (``anneal_steps = steps``) instead of the library's 1000 steps, which a short run would end
+    far from (lambda ~0.02 after 30 steps). The literal ``"paper"`` schedule ends at ``lambda_learn`` (0 at init),
+    so a short run still ends near the base model (measured on the tiny model, 100 steps x 4 examples: EM at noise
+    0.9 0.82, the base's 0.82); ``lambda_schedule="linear"`` ends at ``lambda_init + lambda_learn`` and needs more
+    training than that (0.26 there; the demo's 150 x 16 examples at lr 2e-3 gain for daa, diffq, diffk, diff, dint).
     """
 
     model: str = "tiny"
@@ -130,6 +166,9 @@ class TrainConfig:
     save_steps: int = 50
     save_total_limit: int = 2
     resume: bool = False
+    force_resume: bool = False
+    attention: bool = False
+    lm_head: bool = False
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -148,19 +187,40 @@ class TrainConfig:
 
     @property
     def kind(self) -> str:
-        """``"none"``, ``"lora"``, ``"method+lora"`` or ``"method"``."""
+        """``"none"``, ``"lora"``, ``"method+lora"``, ``"method+attn"`` or ``"method"``."""
         if self.method in BASELINES:
             return self.method
-        return "method+lora" if (self.lora or self.qlora) else "method"
+        if self.lora or self.qlora:
+            return "method+lora"
+        return "method+attn" if self.attention else "method"
 
     def method_config(self) -> MethodConfig | None:
         """The validated method config, or ``None`` for the baselines."""
         if self.method in BASELINES:
             return None
-        return registry.config_for(self.method, **self.method_options)
+        options = dict(self.method_options)
+        steps_ok = isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1
+        if "anneal_steps" not in options and steps_ok and registry.config_class(self.method).uses_lambda_schedule:
+            options["anneal_steps"] = self.steps  # the ramp follows the run length (class docstring)
+        return registry.config_for(self.method, **options)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the bad field and what is accepted."""
+        # Types first: values from a --config file or a dict are not checked by anything else.
+        for name in ("model", "method", "data", "out", "lr_scheduler", "dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be a string")
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options={self.method_options!r}: must be a mapping of method config fields")
+        for name in ("resume", "force_resume", "lora", "qlora", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
+        for name in ("lora_dropout", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ConfigError(f"{name}={v!r}: must be a number")
+        if self.noise is not None and (isinstance(self.noise, bool) or not isinstance(self.noise, int | float)):
+            raise ConfigError(f"noise={self.noise!r}: must be a ratio in [0, 1) (0.8 = four distractors per gold)")
         if self.method not in known_methods():
             raise ConfigError(f"unknown method '{self.method}'; known methods: {', '.join(known_methods())}")
         if self.method in BASELINES:
@@ -172,8 +232,14 @@ class TrainConfig:
                                   "--method lora for plain LoRA")
             if self.qlora and self.method == "none":
                 raise ConfigError("--qlora trains a LoRA; it does not combine with method 'none'")
+            if self.attention:
+                raise ConfigError(f"--attention trains the attention projections with a method; method "
+                                  f"'{self.method}' is a baseline ('none' already trains them)")
         else:
             cfg = self.method_config()  # raises ConfigError for unknown fields / bad values
+            if self.attention and (self.lora or self.qlora):
+                raise ConfigError("--attention and --lora are two protocols (method + attention fine-tuning, "
+                                  "method + LoRA); choose one")
             assert cfg is not None
             if not cfg.trainable and self.kind == "method":
                 raise ConfigError(f"method '{self.method}' has no trainable parameters (inference only); "
@@ -223,6 +289,7 @@ class TrainResult:
     run: dict[str, Any]
     model: nn.Module
     main_process: bool = True  # False on the other processes of a distributed run
+    already_finished: bool = False  # --resume of a run that had finished: nothing was trained or written
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -256,11 +323,27 @@ def training_order(num_examples: int, total: int, seed: int) -> list[int]:
     return order[:total]
 
 
-def load_training_examples(config: TrainConfig) -> list[Example]:
-    """The raw examples of ``config.data`` with the noise ratio applied (no tokenizer needed yet)."""
-    if config.data == SYNTHETIC:
-        examples: list[Example] = list(SyntheticQA(config.seed, split="train").examples(config.synthetic_examples))
-        noise: float | list[float] | None = SYNTHETIC_DEFAULT_NOISE if config.noise is None else config.noise
+def in_memory_label(records: Sequence[Any]) -> str:
+    """What ``run.json`` records for in-memory training data: the record count and a hash of the content, so the
+    record is honest (no file name pretends to be the source) and ``--resume`` notices other records."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for rec in records:
+        digest.update(json.dumps(dict(rec), sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return f"<in-memory: {len(records)} records, sha256 {digest.hexdigest()[:16]}>"
+
+
+def load_training_examples(config: TrainConfig, records: Sequence[Any] | None = None) -> list[Example]:
+    """The raw examples of ``config.data`` (or of in-memory ``records``) with the noise ratio applied (no tokenizer
+    needed yet)."""
+    if records is not None:
+        examples: list[Example] = examples_from_records(records, source="data")
+        noise: float | list[float] | None = config.noise
+    elif config.data == SYNTHETIC:
+        examples = list(SyntheticQA(config.seed, split="train").examples(config.synthetic_examples))
+        noise = SYNTHETIC_DEFAULT_NOISE if config.noise is None else config.noise
     else:
         path = Path(config.data)
         if not path.exists():
@@ -285,6 +368,15 @@ def load_training_examples(config: TrainConfig) -> list[Example]:
 # -- model preparation ----------------------------------------------------------------------------------------------
 
 
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of kind method / none holds: every trainable parameter and every tensor of the method
+    modules (their buffers, e.g. the schedule step), by state-dict name. The frozen base is not saved: a resumed run
+    rebuilds it from the base model."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if k in trainable or f".{_METHOD_SLOT}." in f".{k}"}
+
+
 def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Full name -> module of every attention projection (q/k/v/o, fused qkv, GPT-2's c_attn/c_proj).
 
@@ -307,6 +399,23 @@ def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
 def projection_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Full parameter name -> parameter of the attention projections (weights and biases)."""
     return {f"{mn}.{pn}": p for mn, m in projection_modules(model).items() for pn, p in m.named_parameters()}
+
+
+def attention_parameters(model: nn.Module, *, lm_head: bool = False) -> dict[str, nn.Parameter]:
+    """The projection parameters of the layers the model's method patches (every layer's for a stock model),
+    plus ``lm_head.weight`` when asked: what kind ``method+attn`` trains beside the method."""
+    st = state_of(model)
+    patched = {id(a) for a in st.layers.values()} if st is not None else None
+    names = {id(m): n for n, m in model.named_modules()}
+    keep = None if patched is None else {names[i] for i in patched}
+    out = {n: p for n, p in projection_parameters(model).items()
+           if keep is None or n.rsplit(".", 2)[0] in keep}
+    if lm_head:
+        head: Any = getattr(model, "get_output_embeddings", lambda: None)()
+        if head is None or not isinstance(getattr(head, "weight", None), nn.Parameter):
+            raise TrainError("lm_head: this model has no output embedding to train")
+        out.setdefault("lm_head.weight", head.weight)
+    return out
 
 
 def _lora_config(config: TrainConfig, model: nn.Module) -> Any:
@@ -377,7 +486,9 @@ def prepare_model(
         for p in projection_parameters(model).values():
             p.requires_grad_(True)
         return model, model
-    if kind in ("method", "method+lora"):
+    if config.lm_head and kind != "method+attn":
+        raise ConfigError("--lm-head trains lm_head beside the attention projections; it needs --attention")
+    if kind in ("method", "method+attn", "method+lora"):
         cfg = config.method_config()
         assert cfg is not None
         if cfg.uses_lambda_schedule and cfg.anneal_steps > config.steps:
@@ -396,6 +507,10 @@ def prepare_model(
         else:
             apply(model, cfg)
     if kind == "method":
+        return model, model
+    if kind == "method+attn":
+        for p in attention_parameters(model, lm_head=config.lm_head).values():
+            p.requires_grad_(True)
         return model, model
     from peft import get_peft_model
 
@@ -439,6 +554,67 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__}
 
 
+# -- resuming -------------------------------------------------------------------------------------------------------
+
+
+def settings_diff(recorded: dict[str, Any], config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The fields (outside :data:`RESUME_FREE`) whose recorded value differs from ``config``'s, as
+    ``{name: {"recorded": old, "now": new}}``; a field missing from an older record counts as its default."""
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)  # type: ignore[misc]
+                for f in dataclasses.fields(TrainConfig)}
+    now = _jsonable(config.to_dict())
+    return {k: {"recorded": recorded.get(k, _jsonable(defaults.get(k))), "now": v} for k, v in now.items()
+            if k not in RESUME_FREE and recorded.get(k, _jsonable(defaults.get(k))) != v}
+
+
+def _describe(diffs: dict[str, dict[str, Any]], where: str = "in the checkpoint") -> str:
+    return "; ".join(f"{k}: {d['recorded']!r} {where}, {d['now']!r} now" for k, d in diffs.items())
+
+
+def _check_resume(config: TrainConfig, last: str) -> list[dict[str, Any]]:
+    """Refuse to continue checkpoint ``last`` with other settings than it was trained with (unless
+    ``force_resume``); returns the override history to record (earlier forced resumes, then this one's)."""
+    path = Path(last) / CHECKPOINT_RECORD_FILE
+    if not path.is_file():
+        warnings.warn(f"{last} holds no record of its settings (written by an older attndenoise): --resume cannot "
+                      "check that they match this run's", stacklevel=3)
+        return []
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{path}: not valid JSON ({e}); remove that checkpoint to resume from an earlier "
+                         "one") from None
+    diffs = settings_diff(record.get("config", {}), config)
+    history = list(record.get("resume_overrides", []))
+    if diffs:
+        if not config.force_resume:
+            raise TrainError(
+                f"{Path(last).parent}: {Path(last).name} was trained with other settings ({_describe(diffs)}); "
+                "resuming would mix them. Resume with the recorded settings, or pass --force-resume "
+                "(force_resume=True) to continue with the new ones (run.json then records the change)"
+            )
+        history.append({"checkpoint": Path(last).name, "changed": diffs})
+    return history
+
+
+def _finished_run(config: TrainConfig, out: Path, model: nn.Module | None, tokenizer: Any) -> TrainResult:
+    """``--resume`` of a finished run: nothing to train and nothing rewritten; its trained model, if the settings are
+    the ones it was trained with."""
+    try:
+        run = read_run(out)
+    except AdapterLoadError as e:
+        raise TrainError(f"{e}; remove it or choose another --out") from None
+    diffs = settings_diff(run.get("config", {}), config)
+    if diffs:
+        raise TrainError(f"{out} holds a finished run trained with other settings "
+                         f"({_describe(diffs, 'in run.json')}); a finished run is not continued: choose another "
+                         "--out to train with the new settings")
+    if model is None:
+        model, tokenizer = _load_model(config)
+    return TrainResult(out_dir=out, run=run, model=load_trained(model, out),
+                       main_process=int(os.environ.get("RANK", "0")) == 0, already_finished=True)
+
+
 # -- train ----------------------------------------------------------------------------------------------------------
 
 
@@ -465,6 +641,14 @@ def train(
 
     if isinstance(model, str | os.PathLike):
         overrides["model"], model = str(model), None
+    # In-memory data (a datasets.Dataset, a list of records): parsed from the object, recorded by count and hash.
+    records: Sequence[Any] | None = None
+    data = overrides.get("data", config.data if config is not None else None)
+    if isinstance(data, os.PathLike):
+        overrides["data"] = str(data)
+    elif data is not None and not isinstance(data, str):
+        records = list(data)
+        overrides["data"] = in_memory_label(records)
     config = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
     if config.qlora:
         _check_qlora_available()  # before anything is loaded
@@ -475,11 +659,15 @@ def train(
     if (model is None) != (tokenizer is None):
         raise ConfigError("pass both model and tokenizer objects, or neither")
     out = Path(config.out)
+    out_existed = out.exists()
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if out.is_dir() and not config.resume and (last is not None or (out / RUN_FILE).exists()):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if config.resume and (out / RUN_FILE).is_file():
+        return _finished_run(config, out, model, tokenizer)
+    resume_overrides = _check_resume(config, last) if config.resume and last is not None else []
 
-    examples = load_training_examples(config)  # data errors surface before the model is loaded
+    examples = load_training_examples(config, records)  # data errors surface before the model is loaded
     if model is None:
         model, tokenizer = _load_model(config)
     base_path = config.model or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
@@ -489,6 +677,7 @@ def train(
     if not report.encoded:
         raise TrainError(f"no example fits in max_length={config.max_length}; raise --max-length")
     features = [e.features() for e in report.encoded]
+    warn_unknown_tokens(tokenizer, [f["input_ids"] for f in features], f"training data {config.data}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise TrainError("the tokenizer has neither a pad nor an EOS token to pad batches with")
@@ -522,6 +711,8 @@ def train(
         data_collator=lambda batch: collate(batch, pad_id),
         callbacks=[LambdaCallback(), LambdaHistory(), *callbacks],
         method_model=base if config.kind == "method+lora" else None,
+        trainable_only=config.kind in ("method", "method+attn", "none"),
+        record={"config": _jsonable(config.to_dict()), "resume_overrides": resume_overrides},
     )
     if not config.progress:
         # Without the progress bar the Trainer prints every log dict instead; progress=False means quiet (the
@@ -533,9 +724,15 @@ def train(
     resume_from = get_last_checkpoint(str(out)) if config.resume and out.is_dir() else None
     if resume_from is not None and config.kind == "method+lora":
         method_file = Path(resume_from) / CHECKPOINT_METHOD_FILE
-        _copy_strict(base, load_file(str(method_file)), method_file)
+        _copy_strict(base, read_tensors(method_file), method_file)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        # A run that stops before its first checkpoint (a non-finite loss, Ctrl-C) leaves no empty --out behind.
+        if not out_existed and args.should_save and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     seconds = time.perf_counter() - start
 
     run = {
@@ -560,12 +757,13 @@ def train(
         "final_lambdas": current_lambdas(base),
         "seconds": round(seconds, 3),
         "resumed_from": resume_from,
+        "resume_overrides": resume_overrides,
         "versions": _versions(),
     }
     run["lora"] = _jsonable(run["lora"])
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
-        _write_outputs(out, config.kind, train_model, base)
+        _write_outputs(out, config.kind, train_model, base, lm_head=config.lm_head)
         _atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out_dir=out, run=run, model=train_model, main_process=trainer.is_world_process_zero())
@@ -575,13 +773,14 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def _write_outputs(out: Path, kind: str, train_model: nn.Module, base: nn.Module) -> None:
-    if kind in ("method", "method+lora"):
+def _write_outputs(out: Path, kind: str, train_model: nn.Module, base: nn.Module, lm_head: bool = False) -> None:
+    if kind in ("method", "method+attn", "method+lora"):
         save(base, out)
     if kind in ("lora", "method+lora"):
         _replace_dir(lambda d: train_model.save_pretrained(str(d)), out / LORA_DIR)  # type: ignore[operator]
-    if kind == "none":
-        tensors = {n: p.detach().cpu().contiguous() for n, p in projection_parameters(base).items()}
+    if kind in ("none", "method+attn"):
+        params = projection_parameters(base) if kind == "none" else attention_parameters(base, lm_head=lm_head)
+        tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PROJECTIONS_FILE}.")
         os.close(fd)
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -614,9 +813,11 @@ def load_trained(model: nn.Module, run_dir: str | os.PathLike[str]) -> nn.Module
 
     * ``method``: ``model`` with the method adapter applied (as :func:`attndenoise.load`).
     * ``none``: ``model`` with the trained projection tensors copied in.
+    * ``method+attn``: the method adapter applied, then the patched layers' trained projections copied in.
     * ``lora`` / ``method+lora``: a ``peft.PeftModel`` wrapping ``model`` (with the method applied first for
       ``method+lora``), exactly as trained; ``.get_base_model()`` is the transformers model carrying the method.
-      It is not merged: methods that read the projection weights see the base weights, as during training.
+      It is not merged; methods that read a projection (DiffQ/K/V) read it with the LoRA, as in training, so
+      ``merge_and_unload()`` leaves the outputs unchanged.
 
     Strict: another base architecture, a missing or extra tensor, or a wrong shape raises
     :class:`attndenoise.AdapterLoadError` and leaves ``model`` as it was.
@@ -631,11 +832,19 @@ def load_trained(model: nn.Module, run_dir: str | os.PathLike[str]) -> nn.Module
     if diffs:
         raise AdapterLoadError(f"{d}: the run was trained on another base architecture ({'; '.join(diffs)})")
     if kind == "none":
-        _load_projections(model, d / PROJECTIONS_FILE)
+        _load_projections(model, d / PROJECTIONS_FILE, projection_parameters(model))
         return model
-    if kind in ("method", "method+lora"):
+    if kind in ("method", "method+attn", "method+lora"):
         load(model, d)
-    if kind == "method":
+    if kind == "method+attn":
+        # After the method: it names the patched layers, whose projections the file holds (strictly).
+        try:
+            lm_head = bool(run.get("config", {}).get("lm_head", False))
+            _load_projections(model, d / PROJECTIONS_FILE, attention_parameters(model, lm_head=lm_head))
+        except Exception:
+            remove(model)
+            raise
+    if kind in ("method", "method+attn"):
         return model
     try:
         return _load_lora(model, d / LORA_DIR)
@@ -645,11 +854,11 @@ def load_trained(model: nn.Module, run_dir: str | os.PathLike[str]) -> nn.Module
         raise
 
 
-def _load_projections(model: nn.Module, path: Path) -> None:
+def _load_projections(model: nn.Module, path: Path, params: dict[str, nn.Parameter]) -> None:
     if not path.is_file():
         raise AdapterLoadError(f"{path}: missing the trained projection tensors")
-    tensors = load_file(str(path))
-    copy_tensors_strict(projection_parameters(model), tensors, path, "not projections of this model")
+    tensors = read_tensors(path)
+    copy_tensors_strict(params, tensors, path, "not projections of this model")
 
 
 def _load_lora(model: nn.Module, lora_dir: Path) -> nn.Module:
@@ -658,7 +867,7 @@ def _load_lora(model: nn.Module, lora_dir: Path) -> nn.Module:
     weights = lora_dir / "adapter_model.safetensors"
     if not (lora_dir / "adapter_config.json").is_file() or not weights.is_file():
         raise AdapterLoadError(f"{lora_dir}: missing the peft adapter (adapter_config.json, adapter_model.safetensors)")
-    saved = load_file(str(weights))
+    saved = read_tensors(weights)
     peft_model = PeftModel.from_pretrained(model, str(lora_dir), is_trainable=False)
     # peft only warns about keys it could not place: check both directions ourselves.
     have = get_peft_model_state_dict(peft_model)

@@ -33,6 +33,8 @@ def bench_command(
     Times are medians over rounds of the per-round ratio to stock (all configurations timed round-robin in each
     round, so background load affects them alike); "stock x2" runs the stock attention twice, the cost of two maps.
     For the full tables see bench/bench_step.py and bench/bench_decode.py.
+
+    Example: attndenoise bench daa diffk --quick --threads 2
     """
     import torch
 

@@ -29,7 +29,10 @@ def demo_command(
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
 ) -> None:
     """Run the demo: tiny base model, plain fine-tuning, LoRA and every trainable method trained on the same noisy
-    data, SRA on the base, evaluation at noise 0/0.5/0.8/0.9, needle grid, attention to gold; writes report.md."""
+    data, SRA on the base, evaluation at noise 0/0.5/0.8/0.9, needle grid, attention to gold; writes report.md.
+
+    Example: attndenoise demo --seeds 3 --methods daa,dex --out demo_out
+    """
     console = Console()
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or None
     try:

@@ -10,49 +10,87 @@ from rich.console import Console
 from rich.table import Table
 
 from . import app
+from .common import (
+    at_least,
+    check_adapter_dir,
+    fail,
+    numbers,
+    one_line_warnings,
+    output_folder,
+    parse_sets,
+    set_threads,
+    user_errors,
+)
 
 TASK_NAMES = ("noisy-qa", "needle", "ppl")
 
 
-def load_model(model: str | None, adapter: Path | None, dtype: str = "float32") -> tuple[Any, Any]:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_method(method: str | None, sets: dict[str, Any]) -> Any:
+    """``--method`` / ``--set`` before any model is loaded: the validated config of an inference-only method, or
+    ``None``. A trainable method at its initial values computes the stock model, so it is refused with the fix."""
+    from .. import registry
+
+    if method is None:
+        if sets:
+            fail(f"--set {', '.join(sorted(sets))}: give --method too (--set sets fields of that method's config)")
+        return None
+    cfg = registry.config_for(method, **sets)  # ConfigError: unknown method / field, bad value
+    if cfg.trainable:
+        inference = sorted(n for n, c in registry.METHODS.items() if not c.trainable)
+        fail(f"--method {method} is trainable: at its initial values it computes the stock model. Train it "
+             f"(attndenoise train --method {method}) and pass --adapter; --method takes the inference-only methods "
+             f"({', '.join(inference)})")
+    return cfg
+
+
+def load_model(model: str | None, adapter: Path | None, dtype: str = "float32",
+               method_config: Any = None) -> tuple[Any, Any]:
     """The model and tokenizer ``model`` names (``attndenoise.models.resolve_model``: default the embedded tiny
     model; ``smollm2-135m``, a GGUF file, a folder or a hub id), in ``dtype``, with ``adapter``
     loaded: a training run directory by ``attndenoise.load_trained`` (method adapter, LoRA or plain fine-tuning), a
-    method adapter saved by ``attndenoise.save`` by ``attndenoise.load``."""
+    method adapter saved by ``attndenoise.save`` by ``attndenoise.load``; then the inference-only method of
+    ``method_config`` (:func:`check_method`) applied. Call inside :func:`user_errors`."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import attndenoise as ad
-    from attndenoise.models import ModelNotFoundError, resolve_model
+    from attndenoise.models import accepted_models, resolve_model
+    from attndenoise.patch import state_of
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"{dtype!r}; accepted: {', '.join(dtypes)}", param_hint="--dtype")
-    try:
-        path = resolve_model(model)
-    except ModelNotFoundError as e:
-        raise typer.BadParameter(str(e), param_hint="--model") from None
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[dtype]).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype!r}: accepted: {', '.join(DTYPES)}")
     if adapter is not None:
-        if not adapter.is_dir():
-            raise typer.BadParameter(f"no such adapter directory: {adapter}", param_hint="--adapter")
+        check_adapter_dir(adapter)  # before the (possibly slow) model load
+    path = resolve_model(model)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, SafetensorError) as e:
+        # a hub id that is not there (offline), a damaged weights file, a config transformers does not know
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"--model {model or 'tiny'}: cannot load a causal LM from {path}: {first} (accepted: "
+             f"{accepted_models()})")
+    if adapter is not None:
         # A training run directory (run.json: method adapter, LoRA or plain fine-tuning) goes through load_trained;
         # a bare method adapter written by attndenoise.save through load.
-        load_trained = getattr(ad, "load_trained", None)
-        if load_trained is not None and (adapter / "run.json").is_file():
-            m = load_trained(m, str(adapter))
-        else:
-            m = ad.load(m, str(adapter))
+        m = ad.load_trained(m, str(adapter)) if (adapter / "run.json").is_file() else ad.load(m, str(adapter))
         m.eval()
+    if method_config is not None:
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        if state_of(base) is not None:
+            fail(f"--method {method_config.name}: the adapter already carries method "
+                 f"'{state_of(base).config.name}'; an inference-only method goes on a model without one")  # type: ignore[union-attr]
+        ad.apply(base, method_config)
     return m, tok
 
 
 def parse_floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{what}: give comma-separated numbers, got {text!r}") from None
+    """Comma-separated numbers (kept for callers of the old helper)."""
+    return list(numbers(text, what))
 
 
 @app.command("eval")
@@ -60,13 +98,17 @@ def eval_command(
     model: Annotated[str | None, typer.Option(help="tiny (default: the embedded model), smollm2-135m, a .gguf file, "
                                                   "a model folder or a hub id")] = None,
     adapter: Annotated[Path | None, typer.Option(help="trained run / adapter directory to load onto the model")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="an inference-only method to apply to the loaded model (sra; see `attndenoise methods sra`)")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="a field of --method's config, key=value (repeatable), e.g. --set b=5 --set t=24")] = None,
     task: Annotated[str, typer.Option(help="noisy-qa, needle or ppl (comma-separated for several)")] = "noisy-qa",
-    noise: Annotated[str, typer.Option(help="noise ratios for noisy-qa; 'as-is' keeps the data's contexts")] = (
-        "0,0.5,0.8,0.9"),
-    n: Annotated[int, typer.Option(help="examples per noise ratio (noisy-qa), texts (ppl)")] = 100,
+    noise: Annotated[str, typer.Option(help="noise ratios in [0, 1) for noisy-qa; 'as-is' keeps the data's "
+                                            "contexts")] = "0,0.5,0.8,0.9",
+    n: Annotated[int, typer.Option(help="examples per noise ratio (noisy-qa), texts (ppl); >= 1")] = 100,
     data: Annotated[Path | None, typer.Option(help="local JSONL of QA examples (default: synthetic test)")] = None,
     texts: Annotated[Path | None, typer.Option(help="ppl: local text file (one per line) or JSONL with 'text'")] = None,
-    context_lengths: Annotated[str, typer.Option(help="needle: context lengths")] = "64,128,256",
+    context_lengths: Annotated[str, typer.Option(help="needle: context lengths (integers >= 1)")] = "64,128,256",
     depths: Annotated[str, typer.Option(help="needle: depths in [0, 1]")] = "0,0.25,0.5,0.75,1",
     needle_n: Annotated[int, typer.Option(help="needle: pass keys per cell")] = 5,
     seed: Annotated[int, typer.Option(help="seed of examples and distractor draws (same for every model)")] = 0,
@@ -75,30 +117,68 @@ def eval_command(
     label: Annotated[str | None, typer.Option(help="name of this model in tables and plots")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     out: Annotated[Path, typer.Option(help="output folder: results.json, results.csv, plots")] = Path("eval-out"),
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice)")] = None,
 ) -> None:
     """Evaluate a model: greedy noisy-context QA (exact match, token F1 and the labelled lenient match), pass-key
-    retrieval on a length x depth grid, or perplexity. Writes results.json / results.csv (and PNG plots) to --out."""
-    import torch
+    retrieval on a length x depth grid, or perplexity. Writes results.json / results.csv (and PNG plots) to --out.
 
-    from attndenoise.evaluate import evaluate_model, read_texts, write_results
-    from attndenoise.plots import plot_accuracy, plot_needle
+    Every argument and data file is checked before the model is loaded; an error is one line and exit code 2, and
+    nothing is written.
 
-    torch.manual_seed(seed)
-    tasks = [t.strip() for t in task.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASK_NAMES]
-    if bad or not tasks:
-        raise typer.BadParameter(f"unknown task {bad or task!r}; accepted: {', '.join(TASK_NAMES)}",
-                                 param_hint="--task")
-    ratios = None if noise.strip() == "as-is" else parse_floats(noise, "--noise")
-    m, tok = load_model(model, adapter, dtype)
-    name = label or (adapter.name if adapter is not None else Path(model).name if model else "tiny")
-    res = evaluate_model(
-        m, tok, label=name, tasks=tasks, seed=seed, noise_ratios=ratios, n=n, data=data,
-        context_lengths=[int(x) for x in parse_floats(context_lengths, "--context-lengths")],
-        depths=parse_floats(depths, "--depths"), needle_n=needle_n,
-        texts=read_texts(texts) if texts is not None else None, batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-    )
+    Example: attndenoise eval --adapter runs/daa --task noisy-qa,needle --noise 0,0.8,0.9 --out eval/daa
+
+    Example: attndenoise eval --method sra --set b=2 --set t=24 --out eval/sra
+    """
+    with user_errors():
+        # -- every check that needs no model --------------------------------------------------------------------
+        tasks = [t.strip() for t in task.split(",") if t.strip()]
+        bad = [t for t in tasks if t not in TASK_NAMES]
+        if bad or not tasks:
+            fail(f"--task {task!r}: unknown task {', '.join(bad) or '(none given)'}; accepted: {', '.join(TASK_NAMES)}")
+        ratios = None if noise.strip() == "as-is" else numbers(noise, "--noise", low=0.0, high=1.0, high_open=True)
+        for value, option in ((n, "--n"), (needle_n, "--needle-n"), (batch_size, "--batch-size"),
+                              (max_new_tokens, "--max-new-tokens")):
+            at_least(value, option)
+        at_least(seed, "--seed", 0)
+        lengths = numbers(context_lengths, "--context-lengths", kind=int, low=1)
+        depth_list = numbers(depths, "--depths", low=0.0, high=1.0)
+        if dtype not in DTYPES:
+            fail(f"--dtype {dtype!r}: accepted: {', '.join(DTYPES)}")
+        output_folder(out)
+        method_config = check_method(method, parse_sets(set_ or []))
+        if adapter is not None:
+            check_adapter_dir(adapter)
+        from attndenoise.data import ChatExample
+        from attndenoise.evaluate import evaluate_model, qa_examples, read_texts, write_results
+        from attndenoise.plots import plot_accuracy, plot_needle
+
+        if data is not None and "noisy-qa" in tasks:
+            if not data.exists():
+                fail(f"--data {data}: no such file (give a .jsonl/.json/.csv/.parquet file or a datasets folder)")
+            examples = qa_examples(n, seed=seed, data=data)  # read now, so DataFormatError comes before the model
+            chats = sum(isinstance(e, ChatExample) for e in examples)
+            if chats and ratios is not None:
+                fail(f"--data {data}: {chats} chat example(s) have no documents to add distractors to; evaluate "
+                     "them with --noise as-is")
+        text_list = read_texts(texts) if texts is not None and "ppl" in tasks else None
+        set_threads(threads)
+
+        # -- the model, then the measurement (errors still write nothing) ----------------------------------------
+        import torch
+
+        torch.manual_seed(seed)
+        m, tok = load_model(model, adapter, dtype, method_config)
+        name = label or (adapter.name if adapter is not None else Path(model).name if model else "tiny")
+        if method_config is not None and label is None:
+            name += f"+{method_config.name}"
+        with one_line_warnings():
+            res = evaluate_model(
+                m, tok, label=name, tasks=tasks, seed=seed, noise_ratios=ratios, n=n, data=data,
+                context_lengths=lengths, depths=depth_list, needle_n=needle_n, texts=text_list,
+                batch_size=batch_size, max_new_tokens=max_new_tokens,
+            )
+    if method_config is not None:
+        res.settings["method"] = method_config.to_dict()
     json_path, csv_path = write_results(res, out)
     console = Console()
     table = Table("task", "setting", "metric", "value", "n")

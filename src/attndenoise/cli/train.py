@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,31 +10,54 @@ import typer
 from rich.console import Console
 
 from . import app
+from .common import fail, numbers, one_line_warnings, parse_sets, read_json_file, set_threads, user_errors
 
-_err = Console(stderr=True)
+__all__ = ["parse_sets", "read_config_file", "train_command"]
+
+# CLI parameters whose TrainConfig field has another name; parameters not in TrainConfig are not listed.
+_FIELD = {"lr": "learning_rate", "set_": "method_options"}
+_NOT_CONFIG = ("config_file", "threads", "ctx")
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``["anneal_steps=200", "layers=[0,1]", "where=pre_rope"]`` -> typed values (JSON where it parses, else text)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"{item!r}: expected key=value (e.g. anneal_steps=200)", param_hint="--set")
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A ``--config`` file: a JSON object (or YAML when the file ends in .yaml/.yml and pyyaml is installed) of
+    ``TrainConfig`` fields; unknown fields fail naming the accepted ones."""
+    from ..train import TrainConfig
+
+    if path.suffix.lower() in (".yaml", ".yml"):
+        if not path.is_file():
+            fail(f"--config {path}: no such file")
         try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
+            import yaml
+        except ImportError:
+            fail(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml); or give the settings as JSON")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            fail(f"--config {path}: invalid YAML ({' '.join(str(e).split())})")
+    else:
+        data = read_json_file(path, "--config")
+    if not isinstance(data, dict):
+        fail(f"--config {path}: expected an object of TrainConfig fields (e.g. {{\"method\": \"daa\", "
+             f"\"steps\": 200}}), got {type(data).__name__}")
+    accepted = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(data) - set(accepted))
+    if unknown:
+        fail(f"--config {path}: unknown field(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+    if not isinstance(data.get("method_options", {}), dict):
+        fail(f"--config {path}: method_options must be an object of method config fields, e.g. "
+             '{"anneal_steps": 200}')
+    return data
 
 
 @app.command("train")
 def train_command(
-    method: Annotated[str, typer.Option(
+    ctx: typer.Context,
+    method: Annotated[str | None, typer.Option(
         "--method", help="Method to train (see `attndenoise methods`), or a baseline: 'none' fine-tunes the "
-        "attention projections q/k/v/o only, 'lora' trains a LoRA on them.")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory: adapter, run.json, checkpoints.")],
+        "attention projections q/k/v/o only, 'lora' trains a LoRA on them. Required (here or in --config).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Output directory: adapter, run.json, checkpoints. Required (here or in --config).")] = None,
     model: Annotated[str, typer.Option("--model", help="Base causal LM: 'tiny' (the embedded model), 'smollm2-135m', "
                                        "a .gguf file, a local model folder or a hub id.")] = "tiny",
     data: Annotated[str, typer.Option(
@@ -45,7 +68,17 @@ def train_command(
         "--noise", help="Noise ratio r in [0, 1): each context gets round(1/(1-r))-1 distractors per gold document "
         "(the example's own first, then other examples'). Default: file data as given; 0.8 for synthetic.")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps (the same budget for every method).")] = 100,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear decay).")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (see --lr-scheduler).")] = 1e-3,
+    lr_scheduler: Annotated[str, typer.Option(
+        "--lr-scheduler", help="Learning-rate schedule after warmup: linear (decay to 0), constant, "
+        "constant_with_warmup or cosine.")] = "linear",
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Steps of linear warmup to --lr.")] = 0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (>= 0).")] = 0.0,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="Precision of the base model: float32, bfloat16 or float16.")] = "float32",
+    noise_mix: Annotated[str | None, typer.Option(
+        "--noise-mix", help="Comma-separated noise ratios in [0, 1): each training example gets one of them "
+        "(seeded), e.g. 0.5,0.8,0.9. Overrides --noise.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per process per micro-batch.")] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches accumulated per step.")] = 1,
     max_length: Annotated[int, typer.Option(
@@ -54,8 +87,16 @@ def train_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed for data order, noise and initialisation.")] = 0,
     save_steps: Annotated[int, typer.Option("--save-steps", help="Write a checkpoint every N steps.")] = 50,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the last complete checkpoint in --out (start fresh if there is none).")]
-    = False,
+        "--resume", help="Continue from the last complete checkpoint in --out (start fresh if there is none). "
+        "Refused when the settings differ from the checkpoint's (the message names them); a finished run is left "
+        "as it is.")] = False,
+    force_resume: Annotated[bool, typer.Option(
+        "--force-resume", help="With --resume: continue even though the settings differ (run.json records the "
+        "change under resume_overrides).")] = False,
+    attention: Annotated[bool, typer.Option(
+        "--attention", help="Train the patched layers' attention projections (q, k, v, o) together with the method "
+        "(the DAA paper's protocol; compare with --method none).")] = False,
+    lm_head: Annotated[bool, typer.Option("--lm-head", help="With --attention, train lm_head too.")] = False,
     lora: Annotated[bool, typer.Option("--lora", help="Stack a LoRA on the attention projections under the "
                                                       "method; both train.")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")] = 8,
@@ -70,29 +111,55 @@ def train_command(
     logging_steps: Annotated[int, typer.Option(
         "--logging-steps", help="Log loss and lambda per layer every N steps (kept in run.json).")] = 10,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    config_file: Annotated[Path | None, typer.Option(
+        "--config", help="A JSON (or YAML, with pyyaml) file of TrainConfig fields, e.g. {\"method\": \"daa\", "
+        "\"steps\": 500, \"method_options\": {\"anneal_steps\": 250}}; flags given on the command line override "
+        "it (--set per field of method_options).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads for torch per process (default: torch's choice).")] = None,
 ) -> None:
     """Train a method (or the 'none' / 'lora' baseline) and write its adapter and run.json to --out.
 
     Under `torchrun --nproc_per_node N` the same command trains data-parallel (global batch = N x batch size x grad
-    accum); only the first process writes files.
-    """
-    from ..config import ConfigError
-    from ..data import DataFormatError
-    from ..io import AdapterLoadError
-    from ..train import TrainConfig, TrainError, train
+    accum); only the first process writes files. When --set does not give anneal_steps, the lambda schedule
+    anneals over the whole run (anneal_steps = --steps).
 
-    try:
-        config = TrainConfig(
-            model=model, method=method, data=data, out=str(out), method_options=parse_sets(set_ or []),
-            noise=noise, steps=steps, learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum,
-            max_length=max_length, seed=seed, save_steps=save_steps, resume=resume, lora=lora, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, qlora=qlora, synthetic_examples=synthetic_examples, progress=progress,
-            logging_steps=logging_steps,
-        )
-        result = train(config)
-    except (ConfigError, TrainError, DataFormatError, AdapterLoadError, FileNotFoundError) as e:
-        _err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
-        raise typer.Exit(2) from None
+    Example: attndenoise train --method daa --steps 200 --out runs/daa
+
+    Example: attndenoise train --config daa.json --lr 5e-4 --out runs/daa-lr5e-4
+    """
+    from ..train import TrainConfig, train
+
+    params = dict(ctx.params)
+    with user_errors():
+        from_file = read_config_file(config_file) if config_file is not None else {}
+        # by name: typer ships its own copy of click, whose ParameterSource is not click.core's
+        given = {name for name in params
+                 if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+        values = dict(from_file)  # the file first; a flag given on the command line wins, then the flags' defaults
+        for name, value in params.items():
+            field = _FIELD.get(name, name)
+            if name in _NOT_CONFIG:
+                continue
+            if name == "set_":
+                values[field] = {**from_file.get("method_options", {}), **parse_sets(value or [])}
+            elif name in given or field not in from_file:
+                if name == "noise_mix" and value is not None:
+                    value = numbers(value, "--noise-mix", low=0.0, high=1.0, high_open=True)
+                values[field] = str(value) if name == "out" and value is not None else value
+        for required in ("method", "out"):
+            if not values.get(required):
+                fail(f"--{required} is missing: give --{required} (or \"{required}\" in a --config file)")
+        config = TrainConfig(**values)
+        set_threads(threads)
+        with one_line_warnings():
+            result = train(config)
+    if result.already_finished:
+        if result.main_process:
+            Console(soft_wrap=True).print(
+                f"nothing to do: {result.out_dir} holds a finished run ({result.run['steps']} steps) with these "
+                "settings; run.json is unchanged", highlight=False)
+        return
     run = result.run
     losses = run["loss_history"]
     if losses and result.main_process:

@@ -48,7 +48,15 @@ from .retrieval import (
     squad_normalize,
 )
 from .synthetic import ATTRIBUTES, SyntheticQA, count_tokens, lexicon_texts
-from .tokenizer import build_tokenizer, default_vocabulary, normalize_answer, vocabulary_from_texts
+from .tokenizer import (
+    UnknownTokensWarning,
+    build_tokenizer,
+    default_vocabulary,
+    normalize_answer,
+    unknown_token_share,
+    vocabulary_from_texts,
+    warn_unknown_tokens,
+)
 
 __all__ = [
     "NoisyExample", "ChatExample", "Example", "num_distractors", "build_noisy_example", "noisy_examples",
@@ -62,4 +70,5 @@ __all__ = [
     "drop_order", "without_documents",
     "SyntheticQA", "ATTRIBUTES", "lexicon_texts", "count_tokens",
     "build_tokenizer", "default_vocabulary", "vocabulary_from_texts", "normalize_answer",
+    "UnknownTokensWarning", "unknown_token_share", "warn_unknown_tokens",
 ]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from functools import cache
+from typing import Any
 
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -96,3 +98,41 @@ def normalize_answer(text: str) -> str:
     text = _PUNCT.sub(" ", text.lower())
     text = " ".join(text.split())
     return _DIGIT_GAP.sub("", text)
+
+
+#: share of unknown tokens above which :func:`warn_unknown_tokens` warns
+UNKNOWN_SHARE_WARN = 0.05
+
+
+class UnknownTokensWarning(UserWarning):
+    """The tokenizer turns a large share of the data into its unknown token: the model cannot read those words."""
+
+
+def unknown_token_share(tokenizer: Any, token_ids: Iterable[Sequence[int]]) -> tuple[int, int]:
+    """``(unknown tokens, all tokens)`` in ``token_ids``; ``(0, n)`` for a tokenizer without an unknown token
+    (byte-level BPE never needs one)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    count = total = 0
+    for ids in token_ids:
+        total += len(ids)
+        if unk is not None:
+            count += sum(1 for t in ids if t == unk)
+    return count, total
+
+
+def warn_unknown_tokens(tokenizer: Any, token_ids: Iterable[Sequence[int]], what: str,
+                        threshold: float = UNKNOWN_SHARE_WARN) -> float:
+    """Warn (:class:`UnknownTokensWarning`) when more than ``threshold`` of ``token_ids`` are the tokenizer's unknown
+    token -- own data outside the tiny model's closed vocabulary would otherwise train and score silently on
+    ``<unk>``; returns the share."""
+    count, total = unknown_token_share(tokenizer, token_ids)
+    share = count / total if total else 0.0
+    if share > threshold:
+        warnings.warn(
+            f"{what}: the tokenizer maps {share:.0%} of the tokens ({count} of {total}) to its unknown token "
+            f"{tokenizer.unk_token!r}, so the model cannot read those words. Use a base model whose tokenizer covers "
+            "the data (--model smollm2-135m, a model folder or a hub id), or keep to the tokenizer's vocabulary (the "
+            "tiny model knows the words of attndenoise.data.default_vocabulary())",
+            UnknownTokensWarning, stacklevel=2,
+        )
+    return share

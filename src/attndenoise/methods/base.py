@@ -94,6 +94,9 @@ class MethodModule(nn.Module):
     def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
         """Compute per-new-token quantities from the layer input (default: nothing)."""
 
+    def check_cache(self, attn: nn.Module, cache: Any) -> None:
+        """Raise when this method cannot run with ``cache`` (default: every cache works)."""
+
     def store(
         self, attn: nn.Module, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext
     ) -> tuple[torch.Tensor, torch.Tensor]:

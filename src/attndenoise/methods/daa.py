@@ -25,7 +25,11 @@ from .base import Call, LayerContext, LayerInfo, MethodModule
 
 @dataclass
 class DAAConfig(MethodConfig):
-    """DAA options. ``where``: ``"pre_rope"`` (default) or ``"post_rope"``."""
+    """DAA options.
+
+    Attributes:
+        where: ``"pre_rope"`` (default: the transform acts on the query before RoPE) or ``"post_rope"`` (after it).
+    """
 
     name = "daa"
     summary = "per-head d x d query transform; O1 - lambda O2 with a second map from the transformed query (SPEC 2)"

@@ -44,7 +44,7 @@ from torch import nn
 from .. import attention as core
 from .. import registry
 from ..config import ConfigError, MethodConfig, positive
-from ..families import attention_layers, projection, rope
+from ..families import attention_layers, effective_projection, rope
 from ..schedule import LambdaSchedule
 from .base import Call, LayerContext, LayerInfo, MethodModule
 
@@ -64,7 +64,9 @@ def stash_second_projections(model: nn.Module, config: MethodConfig) -> MethodCo
 
     The per-layer module is built from ``(config, LayerInfo)`` only, so this is how it can start as a copy of the
     pretrained projections (SPEC 5). Each module pops its entry, so no extra memory is held after :func:`apply`;
-    the attribute is not a dataclass field and never reaches ``adapter_config.json``.
+    the attribute is not a dataclass field and never reaches ``attndenoise_config.json``. Under a peft adapter
+    (LoRA) the copy is of the *effective* projection (base + LoRA), so ``A2 = A1`` at init in either order of
+    wrapping; the copy is the method's own parameter afterwards, so a later LoRA merge does not change it.
     """
     layers = attention_layers(model)
     new = dataclasses.replace(config)
@@ -74,8 +76,7 @@ def stash_second_projections(model: nn.Module, config: MethodConfig) -> MethodCo
             attn = layers[i][1]
             entry = {}
             for which in ("q", "k"):
-                w, b = projection(attn, which)
-                entry[which] = (w.detach().clone(), None if b is None else b.detach().clone())
+                entry[which] = effective_projection(attn, which)
             sources[i] = entry
     object.__setattr__(new, _SOURCES, sources)
     return new

@@ -10,6 +10,10 @@ projection (row-vector convention: ``X W_D``):
   it merges into ``W_V``.
 
 The three share one file because they are one method applied to three projections.
+
+``W_Q``/``W_K``/``W_V`` are the layer's *effective* projection: under a peft adapter (LoRA) the wrapped projection is
+called (:func:`attndenoise.families.project`), so the second query/key/value include the LoRA exactly as the stock
+ones do, the LoRA gets gradients through them too, and ``merge_and_unload()`` leaves the outputs unchanged.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ the write lands in the cache; cropping, beam reordering and window trimming then
 its key, and the state for the next token is always the last cached position's. The state is float32 whatever the
 model dtype: in a 16-bit cache it is stored bit-for-bit as pairs of 16-bit channels (a bf16 count would stop being
 exact at 257). Costs: ``g*d + 1`` extra value channels per key/value head (twice that in 16-bit caches), padded to
-a multiple of 8 channels per cached row. Static and
-quantized caches are not supported (their ``update`` copies or re-encodes what it stores).
+a multiple of 8 channels per cached row. Static and quantized caches are refused with a ValueError
+(:meth:`DINT.check_cache`): a static layer pads the keys to its full length, so "the last cached position" is an
+empty slot, and a quantized one re-encodes what it stores; both gave wrong logits silently before the check.
 Training runs through the same code without a cache; when a cache is present with gradients enabled, ``O1`` is
 computed from a copy of ``V`` so that the in-place write cannot invalidate saved tensors.
 
@@ -182,6 +183,9 @@ class LowRankDINTConfig(DINTConfig):
 
 # -- modules -------------------------------------------------------------------------------------------------------
 
+#: cache (layer) classes whose ``update`` returns its own storage, concatenated in position order (see above)
+_DYNAMIC_CACHES = ("DynamicCache", "DynamicLayer", "DynamicSlidingWindowLayer")
+
 
 class DINT(MethodModule):
     """``lambda A3 V + O1 - lambda O2`` with the second map from copies of ``W_Q``/``W_K``."""
@@ -213,6 +217,21 @@ class DINT(MethodModule):
         return None
 
     # -- per token ---------------------------------------------------------------------------------------------
+    def check_cache(self, attn: nn.Module, cache: Any) -> None:
+        """Refuse static and quantized caches: the running state is written into the storage a dynamic layer's
+        ``update`` returns and read at the last cached position, which a static layer (keys padded to its full
+        length) or a quantized one (re-encoded values) does not provide; measured: wrong logits, not an error."""
+        layers = getattr(cache, "layers", None) or []
+        idx = getattr(attn, "layer_idx", None)
+        layer = layers[idx] if isinstance(idx, int) and idx < len(layers) else None
+        kind = type(layer if layer is not None else cache).__name__
+        if kind not in _DYNAMIC_CACHES:
+            raise ValueError(
+                f"method '{self.config.name}' keeps its integral state inside the KV cache, which works with dynamic "
+                f"caches only; this layer's cache is a {kind} (static or quantized). Use the default cache: drop "
+                "cache_implementation='static' (or pass a DynamicCache)"
+            )
+
     def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
         ctx.extras["q2"], ctx.extras["k2"] = self.second_qk(attn, ctx)
 

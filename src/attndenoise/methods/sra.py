@@ -84,6 +84,11 @@ class ShortPromptWarning(UserWarning):
     """An SRA rule was skipped because the prompt is too short for its span (``short_prompt="skip"``)."""
 
 
+class ShortPromptError(ValueError):
+    """A prompt is too short for an SRA rule and ``short_prompt="error"``: a user setting, not a bug, so the
+    command line reports it in one line."""
+
+
 @dataclass
 class SRAConfig(MethodConfig):
     """SRA options (SPEC 8). Defaults are the authors' ``init_sra``; their demo used ``b=5, t=50,
@@ -188,7 +193,7 @@ def plan(config: SRAConfig, n: int, layer: int, num_layers: int, example: int = 
         if n > need:
             rules.append(rule)
         elif c.short_prompt == "error":
-            raise ValueError(
+            raise ShortPromptError(
                 f"SRA: example {example} has {n} valid prompt tokens; the {rule} rule needs more than {what} = "
                 f"{need} (b={c.b}, t={t}{', t = n/dynamic_div' if c.dynamic_t else ''}). Lower b/t, use "
                 f"dynamic_t=True, or pass short_prompt='skip' to skip a rule that does not fit (the other rule "
