@@ -4,6 +4,7 @@ one-line CLI errors."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 import attndenoise.evaluate as evaluate
+from attndenoise import ConfigError
 from attndenoise.cli import app
 from attndenoise.robustness import RobustnessConfig, choose_sra, run_robustness, wilson_interval
 
@@ -139,3 +141,37 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     res = runner.invoke(app, ["robustness", "--data", str(data), "--model", "./nowhere", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no such model file or folder" in res.output
     assert not (tmp_path / "o").exists()  # nothing written for a bad input
+
+
+# -- training on multi-document QA (the data path of the fine-tuning protocols) ----------------------------------
+
+
+def test_training_examples_from_a_split_with_hard_distractors(tmp_path: Path) -> None:
+    from attndenoise.data.retrieval import read_multidoc_qa, split_records
+    from attndenoise.train import TrainConfig, load_training_examples, prompt_format
+
+    data = nq_file(tmp_path / "nq.jsonl")
+    cfg = TrainConfig(data=str(data), method="daa", out=str(tmp_path / "run"), distractors=2)
+    examples = load_training_examples(cfg)
+    train_questions = [r.question for r in split_records(read_multidoc_qa(data), "train")]
+    assert [e.question for e in examples] == train_questions and len(examples) == 21
+    for e in examples:
+        assert len(e.documents) == 3 and len(e.gold) == 1
+        i = int(e.question.rsplit(" ", 1)[1])
+        assert f"answer{i}x" in e.documents[e.gold[0]] and e.answers == (f"answer{i}x", f"alt{i}y")
+        assert not any(f"answer{i}x" in d for j, d in enumerate(e.documents) if j != e.gold[0])
+    assert "some of which might be irrelevant" in prompt_format(cfg).instruction
+    with pytest.raises(ConfigError, match="do not combine with --noise"):
+        TrainConfig(data=str(data), method="daa", distractors=2, noise=0.5)
+
+
+def test_method_with_attention_trains_on_retrieval_data(tiny_folder: Path, tmp_path: Path) -> None:
+    import attndenoise as ad
+
+    data = nq_file(tmp_path / "nq.jsonl")
+    run = ad.train(model=str(tiny_folder), method="daa", attention=True, data=str(data), out=str(tmp_path / "run"),
+                   distractors=2, steps=3, batch_size=2, max_length=1024, learning_rate=1e-2, progress=False,
+                   save_steps=100, logging_steps=1)
+    assert run.run["kind"] == "method+attn" and run.run["config"]["prompt"] == "auto"
+    losses = [h["loss"] for h in run.run["loss_history"]]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

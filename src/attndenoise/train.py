@@ -54,6 +54,7 @@ from torch.utils.data import Dataset
 from . import registry
 from .config import ConfigError, MethodConfig
 from .data import (
+    DEFAULT_FORMAT,
     ChatExample,
     Example,
     NoisyExample,
@@ -65,6 +66,7 @@ from .data import (
     noisy_examples,
     warn_unknown_tokens,
 )
+from .data.formatting import PromptFormat
 from .families import attention_layers
 from .io import AdapterLoadError, _copy_strict, base_signature, copy_tensors_strict, load, read_tensors, save
 from .patch import _SLOT as _METHOD_SLOT
@@ -132,6 +134,14 @@ class TrainConfig:
             nothing and returns it.
         force_resume: resume even though the settings differ; the differences go into ``run.json``
             (``resume_overrides``).
+        split / distractors / distractor_kind: for multi-document QA data (``question`` / ``answers`` / ``ctxs``
+            records, e.g. NaturalQuestions): train on this split of the fixed 70/10/20 split (default ``train``
+            when ``distractors`` is given), each question with its gold passage at a seeded random position among
+            ``distractors`` passages, ``"hard"`` (BM25's best answer-free passages) or ``"random"``, drawn from every
+            question's gold passage (``attndenoise.data.retrieval``). Not with ``noise``.
+        prompt: ``"litm"`` (the *Lost in the Middle* instruction and ``Document [i](Title: t)`` lines),
+            ``"default"`` (``Document [i]:`` lines), or ``"auto"``: ``litm`` for data read with ``distractors`` /
+            ``split``, else ``default``.
         attention: train the patched layers' attention projections (q, k, v, o) together with the method (kind
             ``method+attn``, the DAA paper's protocol; its baseline is ``none``). Not with ``lora``.
         lm_head: with ``attention``, train ``lm_head`` too (the DAA paper's Llama runs); with tied embeddings that
@@ -167,6 +177,10 @@ class TrainConfig:
     save_total_limit: int = 2
     resume: bool = False
     force_resume: bool = False
+    split: str | None = None
+    distractors: int | None = None
+    distractor_kind: str = "hard"
+    prompt: str = "auto"
     attention: bool = False
     lm_head: bool = False
     lora: bool = False
@@ -269,6 +283,18 @@ class TrainConfig:
             for r in self.noise_mix:
                 if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r < 1.0:
                     raise ConfigError(f"noise_mix={self.noise_mix!r}: every ratio must be in [0, 1)")
+        if self.split is not None and self.split not in ("train", "validation", "test"):
+            raise ConfigError(f"split={self.split!r}; choose one of train, validation, test")
+        if self.distractors is not None and (isinstance(self.distractors, bool) or not isinstance(
+                self.distractors, int) or self.distractors < 0):
+            raise ConfigError(f"distractors={self.distractors!r}: must be an integer >= 0")
+        if self.distractor_kind not in ("hard", "random"):
+            raise ConfigError(f"distractor_kind={self.distractor_kind!r}; choose one of hard, random")
+        if self.prompt not in ("auto", "default", "litm"):
+            raise ConfigError(f"prompt={self.prompt!r}; choose one of auto, default, litm")
+        if (self.split is not None or self.distractors is not None) and (
+                self.noise is not None or self.noise_mix is not None):
+            raise ConfigError("--distractors/--split build retrieval contexts; they do not combine with --noise")
         if self.lr_scheduler not in _SCHEDULERS:
             raise ConfigError(f"lr_scheduler={self.lr_scheduler!r}; choose one of {', '.join(_SCHEDULERS)}")
         if self.dtype not in _DTYPES:
@@ -338,6 +364,8 @@ def in_memory_label(records: Sequence[Any]) -> str:
 def load_training_examples(config: TrainConfig, records: Sequence[Any] | None = None) -> list[Example]:
     """The raw examples of ``config.data`` (or of in-memory ``records``) with the noise ratio applied (no tokenizer
     needed yet)."""
+    if records is None and (config.split is not None or config.distractors is not None):
+        return _retrieval_examples(config)
     if records is not None:
         examples: list[Example] = examples_from_records(records, source="data")
         noise: float | list[float] | None = config.noise
@@ -363,6 +391,33 @@ def load_training_examples(config: TrainConfig, records: Sequence[Any] | None = 
                          "examples; drop --noise for chat data")
     docs = [e for e in examples if isinstance(e, NoisyExample)]
     return list(noisy_examples(docs, noise, seed=config.seed))
+
+
+def _retrieval_examples(config: TrainConfig) -> list[Example]:
+    """Multi-document QA questions of one split with their gold passage among ``config.distractors`` passages."""
+    from .data.retrieval import PassagePool, multidoc_examples, read_multidoc_qa, split_records
+
+    path = Path(config.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path} (--split/--distractors read a .jsonl or .jsonl.gz of "
+                                "question/answers/ctxs records)")
+    records = read_multidoc_qa(path)
+    try:
+        chosen = split_records(records, config.split or "train")  # type: ignore[arg-type]
+    except ValueError as e:
+        raise TrainError(f"{path}: {e}") from None
+    kind: Any = config.distractor_kind
+    return list(multidoc_examples(chosen, config.distractors or 0, kind, gold_position="random", seed=config.seed,
+                                  pool=PassagePool.from_records(records)))
+
+
+def prompt_format(config: TrainConfig) -> PromptFormat:
+    """The prompt layout a run trains with (``TrainConfig.prompt``)."""
+    from .data.retrieval import LITM_FORMAT
+
+    litm = config.prompt == "litm" or (config.prompt == "auto" and (
+        config.split is not None or config.distractors is not None))
+    return LITM_FORMAT if litm else DEFAULT_FORMAT
 
 
 # -- model preparation ----------------------------------------------------------------------------------------------
@@ -673,7 +728,7 @@ def train(
     base_path = config.model or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
 
     set_seed(config.seed)  # LoRA initialisation; identical on every process
-    report = encode_examples(examples, tokenizer, config.max_length, on_too_long="skip")
+    report = encode_examples(examples, tokenizer, config.max_length, fmt=prompt_format(config), on_too_long="skip")
     if not report.encoded:
         raise TrainError(f"no example fits in max_length={config.max_length}; raise --max-length")
     features = [e.features() for e in report.encoded]

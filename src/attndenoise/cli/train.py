@@ -93,6 +93,17 @@ def train_command(
     force_resume: Annotated[bool, typer.Option(
         "--force-resume", help="With --resume: continue even though the settings differ (run.json records the "
         "change under resume_overrides).")] = False,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="Multi-document QA data (question/answers/ctxs): train on this split of the fixed "
+        "70/10/20 split: train, validation or test (default train when --distractors is given).")] = None,
+    distractors: Annotated[int | None, typer.Option(
+        "--distractors", help="Multi-document QA data: distractor passages around each gold passage (drawn from "
+        "every question's gold passage; never one containing an answer).")] = None,
+    distractor_kind: Annotated[str, typer.Option(
+        "--distractor-kind", help="hard (BM25's best answer-free passages for the question) or random.")] = "hard",
+    prompt: Annotated[str, typer.Option(
+        "--prompt", help="litm (the Lost in the Middle prompt), default ('Document [i]:' lines) or auto (litm with "
+        "--distractors/--split).")] = "auto",
     attention: Annotated[bool, typer.Option(
         "--attention", help="Train the patched layers' attention projections (q, k, v, o) together with the method "
         "(the DAA paper's protocol; compare with --method none).")] = False,
