@@ -475,3 +475,18 @@ def test_eval_applies_an_inference_only_method(f: dict[str, Path], tmp_path: Pat
     data = json.loads((out / "results.json").read_text())
     assert data[0]["label"] == "llama+sra"
     assert data[0]["settings"]["method"]["method"] == "sra" and data[0]["settings"]["method"]["b"] == 1
+
+
+def test_train_notes_settings_that_leave_lambda_near_zero() -> None:
+    """The note of issue 12 item 6: printed for the literal "paper" schedule (measured on the tiny model to give the
+    base model's accuracy), not when lambda follows the linear schedule or nothing has a lambda schedule."""
+    from attndenoise.cli.train import lambda_note
+    from attndenoise.train import TrainConfig
+
+    note = lambda_note(TrainConfig(method="daa", steps=30))
+    assert note is not None and "lambda_schedule=paper" in note and "--set lambda_schedule=linear" in note
+    assert "\n" not in note
+    assert lambda_note(TrainConfig(method="daa", method_options={"lambda_schedule": "linear"})) is None
+    for quiet in (TrainConfig(method="none"), TrainConfig(method="lora"), TrainConfig(method="opamp"),
+                  TrainConfig(method="daa", attention=True), TrainConfig(method="daa", lora=True)):
+        assert lambda_note(quiet) is None, quiet.method

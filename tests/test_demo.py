@@ -26,7 +26,13 @@ def _config(tmp: Path, **kw: object) -> DemoConfig:
 
 def test_demo_runs_every_row_and_reports_what_it_measured(tmp_path: Path) -> None:
     cfg = _config(tmp_path, seeds=2)
-    report = run_demo(cfg)
+    messages: list[str] = []
+    report = run_demo(cfg, messages.append)
+    # one progress line per finished row (5 rows x 2 seeds) with elapsed time and ETA, the last with nothing left
+    rows = [m for m in messages if m.startswith("row ")]
+    assert [r.split(" done")[0] for r in rows] == [f"row {i}/10" for i in range(1, 11)]
+    assert all(", ETA " in r and "; elapsed " in r for r in rows) and rows[-1].endswith("ETA 0 s")
+    assert rows[0].startswith("row 1/10 done: base (seed 0) in ")
     text = report.read_text()
     out = report.parent
     for png in ("accuracy.png", "attention_to_gold.png", "needle_base.png"):

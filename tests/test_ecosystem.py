@@ -506,3 +506,126 @@ def test_push_to_hub_uploads_the_adapter_folder(monkeypatch: pytest.MonkeyPatch)
         "files", sorted(p.name for p in Path(kw["folder_path"]).iterdir())))
     ad.push_to_hub(_patched(), "org/name")
     assert calls == {"repo": "org/name", "files": ["attndenoise_config.json", "attndenoise_model.safetensors"]}
+
+
+# -- what peft users reach for: a trainable-parameter summary, running the stock model -----------------------------
+
+# the tiny Llama (tests/models.py), counted by hand: vocab 97, hidden 32, 4 query heads and 2 KV heads of d = 8,
+# MLP 64, 2 layers, untied lm_head
+_EMBED = 97 * 32
+_LAYER = 32 * 32 + 16 * 32 + 16 * 32 + 32 * 32 + 3 * 64 * 32 + 2 * 32  # q, k, v, o, gate/up/down, two norms
+_STOCK = _EMBED + 2 * _LAYER + 32 + _EMBED  # + final norm + lm_head
+_DAA = 2 * (4 * 8 * 8 + 4)  # per layer h d x d matrices + one lambda_learn per head
+_LORA = 2 * ((4 * 32 + 32 * 4) + 2 * (4 * 32 + 16 * 4) + (4 * 32 + 32 * 4))  # r = 4 on q, k, v, o: A + B
+
+
+@pytest.mark.parametrize("granularity, method_count", [("head", _DAA), ("layer", 2 * (4 * 8 * 8 + 1))])
+def test_trainable_parameters_are_split_by_owner(
+    granularity: str, method_count: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stock = tiny("llama")
+    assert ad.trainable_parameters(stock) == dict(method=0, method_frozen=0, peft=0, base=_STOCK, trainable=_STOCK,
+                                                  all=_STOCK, percent=100.0)
+    model = ad.apply(tiny("llama"), ad.config_for("daa", lambda_granularity=granularity))
+    total = _STOCK + method_count
+    assert ad.trainable_parameters(model) == dict(method=method_count, method_frozen=0, peft=0, base=0,
+                                                  trainable=method_count, all=total,
+                                                  percent=pytest.approx(100 * method_count / total))
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS["llama"]))  # freezes the method
+    pm.base_model.model.model.norm.weight.requires_grad_(True)  # a base tensor left trainable (32)
+    total += _LORA
+    frozen = ad.trainable_parameters(pm)
+    assert (frozen["method"], frozen["method_frozen"], frozen["peft"], frozen["base"], frozen["all"]) == (
+        0, method_count, _LORA, 32, total)
+    ad.set_trainable(pm)
+    counts = ad.trainable_parameters(pm)
+    assert counts == dict(method=method_count, method_frozen=0, peft=_LORA, base=32,
+                          trainable=method_count + _LORA + 32, all=total,
+                          percent=pytest.approx(100 * (method_count + _LORA + 32) / total))
+    # peft's own count of the same model (its total includes every tensor it can see: the same numbers)
+    assert pm.get_nb_trainable_parameters() == (counts["trainable"], total)
+    ad.print_trainable_parameters(pm)
+    out = capsys.readouterr().out
+    assert f"method: {method_count:,}" in out and f"peft: {_LORA:,}" in out and f"all params: {total:,}" in out
+
+
+@pytest.mark.parametrize("method", ["daa", "dint"])  # DINT stores extra per-key quantities in the KV cache
+def test_disabled_runs_the_stock_model_and_restores_the_method_exactly(method: str) -> None:
+    model = _patched("llama", method)
+    stock = tiny("llama")
+    x = inputs()
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        before = model(x).logits
+        generated = model.generate(x[:, :5], **gen)
+        ref, ref_gen = stock(x).logits, stock.generate(x[:, :5], **gen)
+        assert (before - ref).abs().max() > 1e-3  # the method does change the outputs
+        tensors = {k: v.clone() for k, v in model.state_dict().items()}
+        with ad.disabled(model):
+            torch.testing.assert_close(model(x).logits, ref, atol=0, rtol=0)
+            assert torch.equal(model.generate(x[:, :5], **gen), ref_gen)
+            model.train()  # a training forward inside does not run the method (nor its frozen-parameter check)
+            model(input_ids=x, labels=x)
+            model.eval()
+        torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)
+        assert torch.equal(model.generate(x[:, :5], **gen), generated)
+        with pytest.raises(KeyError), ad.disabled(model):
+            raise KeyError("inside")
+        torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)
+    state = model.state_dict()
+    assert state.keys() == tensors.keys() and all(torch.equal(state[k], tensors[k]) for k in state)
+
+
+def test_disabled_sees_through_a_peft_wrapper() -> None:
+    model = _patched("llama", "diffq")
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))  # B = 0: the stock outputs
+    x = inputs()
+    with torch.no_grad():
+        before = pm(x).logits
+        with ad.disabled(pm):
+            torch.testing.assert_close(pm(x).logits, tiny("llama")(x).logits, atol=0, rtol=0)
+        torch.testing.assert_close(pm(x).logits, before, atol=0, rtol=0)
+
+
+# -- FSDP2 on CPU: 2 gloo processes ---------------------------------------------------------------------------------
+
+
+def test_fsdp2_two_processes_save_the_single_process_adapter(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    tests = Path(__file__).parent
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get(
+        "PYTHONPATH", "")])}
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 1000),
+           str(tests / "fsdp_worker.py"), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["attention_class"] == "FSDPLlamaAttention"  # fully_shard swapped the class; detection still works
+    assert report["layers"] == [0, 1]
+    assert report["summary"]["method"] == _DAA and report["summary"]["all"] == _STOCK + _DAA  # global, not per shard
+    for name in ("remove", "merge", "apply_sharded_stock"):
+        assert "FSDP2-sharded" in report[name] and "every rank" in report[name], name
+    assert "before fully_shard" in report["apply_sharded_stock"]
+    # the single-process reference: the same model, the same step
+    one = _patched("llama", "daa")
+    one.train()
+    opt = torch.optim.AdamW([p for p in one.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    x = inputs()
+    one(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    ad.step(one)
+    ref = {f"layers.{i}.{k}": v for i, m in ad.method_modules(one).items() for k, v in m.state_dict().items()}
+    got = load_file(str(tmp_path / "adapter" / "attndenoise_model.safetensors"))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k].detach(), atol=1e-6, rtol=1e-5)
+    assert int(got["layers.0.lam.step"]) == 1
+    one.eval()
+    loaded = ad.load(tiny("llama"), tmp_path / "adapter")  # an ordinary adapter: loads into a stock model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, one(x).logits, atol=1e-5, rtol=0)

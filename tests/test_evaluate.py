@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import re
@@ -46,11 +47,13 @@ from attndenoise.evaluate import (
 from attndenoise.measures import example_attention, measure_attention
 from attndenoise.plots import (
     accuracy_by_noise,
+    accuracy_lines,
     plot_accuracy,
     plot_attention_map,
     plot_attention_to_gold,
     plot_needle,
 )
+from attndenoise.progress import Progress, eta_seconds, format_seconds
 from attndenoise.tiny import tiny_model_path
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -422,7 +425,8 @@ def test_cli_eval_writes_json_and_csv(small: Path, tmp_path: Path) -> None:
     data = json.loads((out / "results.json").read_text())
     assert data[0]["label"] == "adapter" and [q["noise_ratio"] for q in data[0]["qa"]] == [0.0, 0.8]
     assert all(q["n"] == 3 and len(q["predictions"]) == 3 for q in data[0]["qa"])
-    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [d["label"] for d in data] == ["adapter", small.name]  # the base, as the reference
+    rows = [r for r in csv.DictReader((out / "results.csv").open()) if r["label"] == "adapter"]
     metrics = ("exact_match", "f1", "lenient", "best_subspan_em")
     assert [(r["task"], r["metric"]) for r in rows] == [("noisy-qa", m) for m in metrics] * 2 \
         + [("ppl", "perplexity")]
@@ -430,6 +434,122 @@ def test_cli_eval_writes_json_and_csv(small: Path, tmp_path: Path) -> None:
     assert (out / "accuracy.png").read_bytes()[:8] == PNG
     bad = runner.invoke(app, ["eval", "--model", str(small), "--task", "nope"])
     assert bad.exit_code != 0 and "accepted" in bad.output
+
+
+def wilson_by_quadratic(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson interval as the two roots p of (k/n - p)^2 = z^2 p (1 - p) / n (its definition), by the quadratic
+    formula: an independent route to the same numbers as the closed form in attndenoise.robustness."""
+    ph = k / n
+    a, b, c = 1 + z * z / n, -(2 * ph + z * z / n), ph * ph
+    root = math.sqrt(b * b - 4 * a * c)
+    return (-b - root) / (2 * a), (-b + root) / (2 * a)
+
+
+def test_accuracy_lines_are_what_the_plot_draws(tmp_path: Path) -> None:
+    runs = [fake_results("daa", 0, [0.9, 0.7, 0.5]), fake_results("stock", 0, [0.9, 0.6, 0.2]),
+            fake_results("stock", 1, [0.8, 0.5, 0.3])]
+    daa, stock = accuracy_lines(runs, reference="stock")
+    # One seed: the 95% Wilson interval of 9/10, 7/10, 5/10 (9/10: 0.596-0.982 in published tables).
+    assert daa.label == "daa" and daa.ratios == [0.0, 0.5, 0.9] and daa.values == [0.9, 0.7, 0.5]
+    assert daa.error == "wilson" and not daa.reference and daa.n == [10, 10, 10] and daa.seeds == 1
+    assert (daa.lower[0], daa.upper[0]) == pytest.approx((0.5958, 0.9821), abs=1e-4)
+    for k, lo, hi in zip((9, 7, 5), daa.lower, daa.upper, strict=True):
+        assert (lo, hi) == pytest.approx(wilson_by_quadratic(k, 10), abs=1e-12)
+    assert daa.legend == "daa, n=10"
+    # Two seeds: mean +- one sample standard deviation ((0.9, 0.8): 0.85 +- sqrt(2 * 0.05^2 / 1)).
+    assert stock.reference and stock.error == "std" and stock.n == [20, 20, 20] and stock.seeds == 2
+    assert stock.values == pytest.approx([0.85, 0.55, 0.25])
+    assert stock.upper[0] - stock.values[0] == pytest.approx(math.sqrt(2 * 0.05 ** 2))
+    assert stock.legend == "stock (base), n=20, 2 seeds"
+    assert plot_accuracy(runs, tmp_path / "a.png", reference="stock").read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="reference 'base' is not one of the labels"):
+        plot_accuracy(runs, tmp_path / "b.png", reference="base")
+
+
+def test_progress_lines_give_elapsed_and_eta() -> None:
+    clock = iter([100.0, 110.0, 140.0])  # start, after the first unit, after the second
+    stream = io.StringIO()
+    p = Progress(4.0, "eval", stream=stream, bar=False, clock=lambda: next(clock))
+    # 1 of 4 weight units in 10 s -> 30 s left; 3 of 4 in 40 s -> 40 * 1/3 = 13 s left.
+    assert p.advance("noise 0", 1.0) == "eval: noise 0 done (25%); elapsed 10 s, ETA 30 s"
+    assert p.advance("noise 0.9", 2.0) == "eval: noise 0.9 done (75%); elapsed 40 s, ETA 13 s"
+    assert stream.getvalue().splitlines() == ["eval: noise 0 done (25%); elapsed 10 s, ETA 30 s",
+                                              "eval: noise 0.9 done (75%); elapsed 40 s, ETA 13 s"]
+    assert format_seconds(185) == "3 min 05 s" and format_seconds(float("nan")) == "?"
+    # Demo rows: 2 trained rows left at their own mean (30 s), 1 evaluated row left at its mean (5 s).
+    assert eta_seconds({"eval": [4.0, 6.0], "train": [20.0, 40.0]}, {"eval": 1, "train": 2}) == 65.0
+    # No trained row finished yet: the mean of every finished row (5 s) stands in.
+    assert eta_seconds({"eval": [4.0, 6.0]}, {"train": 3}) == 15.0
+    assert eta_seconds({}, {"train": 0}) == 0.0
+
+
+def test_noisy_qa_progress_is_quiet_by_default_and_one_line_per_ratio(small: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    tok = AutoTokenizer.from_pretrained(small)
+    model, _ = scripted_qa(tok, 4, seed=3)
+    evaluate_noisy_qa(model, tok, noise_ratios=(0, 0.5), n=4, seed=3)
+    assert capsys.readouterr().err == ""
+    evaluate_noisy_qa(model, tok, noise_ratios=(0, 0.5), n=4, seed=3, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    # weights 60 * 4 / (1 - r): 240 and 480 -> one third, then all
+    assert [re.sub(r"elapsed .*", "", x) for x in lines] == ["noisy-qa: noisy-qa noise 0 done (33%); ",
+                                                            "noisy-qa: noisy-qa noise 0.5 done (100%); "]
+    assert all("ETA" in x for x in lines) and lines[-1].endswith("ETA 0 s")
+
+
+def test_cli_eval_compares_several_runs_with_the_base(small: Path, tmp_path: Path) -> None:
+    for name, method in (("run-a", "daa"), ("run-b", "diff")):
+        model, _ = load(small)
+        ad.apply(model, ad.config_for(method))
+        ad.save(model, tmp_path / name)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["eval", "--model", str(small), "--noise", "0,0.8", "--n", "4", "--max-new-tokens", "4"]
+    res = runner.invoke(app, [*args, "--adapter", str(tmp_path / "run-a"), "--adapter", str(tmp_path / "run-b"),
+                              "--out", str(out)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    assert [d["label"] for d in data] == ["run-a", "run-b", small.name]
+    assert [d["settings"]["adapter"] for d in data] == [str(tmp_path / "run-a"), str(tmp_path / "run-b"), None]
+    # The same seeded examples for every model; methods at their initial values compute the stock model, so each
+    # prediction equals the base's.
+    for d in data[:2]:
+        assert [[(p["question"], p["prediction"]) for p in q["predictions"]] for q in d["qa"]] == \
+            [[(p["question"], p["prediction"]) for p in q["predictions"]] for q in data[2]["qa"]]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 * 2 * 4  # models x ratios x metrics
+    assert [r["label"] for r in rows[::8]] == ["run-a", "run-b", small.name]
+    assert (out / "accuracy.png").read_bytes()[:8] == PNG
+    # progress on stderr: one line per finished setting (2 ratios x 3 models), the last one at 100%
+    done = [x for x in res.output.splitlines() if x.startswith("eval: ") and "ETA" in x]
+    assert len(done) == 6 and "(100%)" in done[-1]
+    # a comma list, without the base
+    res = runner.invoke(app, [*args, "--adapter", f"{tmp_path / 'run-a'},{tmp_path / 'run-b'}", "--no-base",
+                              "--no-progress", "--out", str(tmp_path / "nb")])
+    assert res.exit_code == 0, res.output
+    assert [d["label"] for d in json.loads((tmp_path / "nb" / "results.json").read_text())] == ["run-a", "run-b"]
+    assert "ETA" not in res.output
+
+
+def test_cli_eval_labels_of_several_runs(tmp_path: Path) -> None:
+    from attndenoise.cli.evaluate import model_labels
+
+    a, b = tmp_path / "x" / "final", tmp_path / "y" / "final"
+    # the same folder name twice would be averaged as seeds of one model: the whole paths tell them apart
+    assert model_labels([a, b], [], None, None) == ([str(a), str(b)], "tiny")
+    assert model_labels([a], [], "models/tiny", "sra") == (["final+sra"], "tiny")
+    assert model_labels([], [], None, "sra") == (["tiny+sra"], "tiny")
+    assert model_labels([a, b], ["tiny", "other"], None, None) == (["tiny", "other"], "base")
+    runner = CliRunner()
+    for extra, message in ((["--label", "one"], "1 label(s) for 2 model(s)"),
+                           (["--label", "same", "--label", "same"], "--label same: given to several models")):
+        for d in (a, b):
+            d.mkdir(parents=True, exist_ok=True)
+        res = runner.invoke(app, ["eval", "--adapter", str(a), "--adapter", str(b), *extra,
+                                  "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and message in res.output, res.output
+    res = runner.invoke(app, ["eval", "--no-base", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--no-base: nothing left to evaluate" in res.output
 
 
 def test_cli_inspect_prints_measures_and_draws(small: Path, tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Public API (see README.md): ``METHODS``, ``config_for``, ``apply``, ``remove``, ``merge``, ``save``, ``load``,
 ``save_pretrained`` / ``from_pretrained`` (whole patched models), ``push_to_hub``, ``set_trainable``,
-``step``, ``LambdaCallback``, ``reference_mode``, ``train``, ``TrainConfig``, ``load_trained``,
+``step``, ``LambdaCallback``, ``reference_mode``, ``disabled``, ``trainable_parameters`` /
+``print_trainable_parameters``, ``train``, ``TrainConfig``, ``load_trained``,
 ``evaluate_model`` (and the per-task ``evaluate_*``), ``dataset_attention`` (SPEC 9 measures); the command line is
 :mod:`attndenoise.cli`, the demo :mod:`attndenoise.demo`.
 """
@@ -38,6 +39,7 @@ from .patch import (
     MethodFrozenError,
     NotAppliedError,
     apply,
+    disabled,
     merge,
     method_modules,
     reference_mode,
@@ -46,7 +48,9 @@ from .patch import (
 )
 from .registry import METHODS, config_for
 from .schedule import current_lambdas, set_step, step
+from .summary import TrainableParameters, print_trainable_parameters, trainable_parameters
 from .train import TrainConfig, TrainError, load_trained, train
+from .wrappers import ShardedModelError
 
 __version__ = "0.1.0"
 
@@ -68,6 +72,7 @@ __all__ = [
     "DIFFConfig", "DINTConfig", "LowRankDINTConfig", "SRAConfig",
     "OpAmpConfig", "load_opamp_checkpoint",
     "save_pretrained", "from_pretrained", "push_to_hub", "set_trainable", "MethodFrozenError", "MethodDroppedWarning",
+    "ShardedModelError", "disabled", "trainable_parameters", "print_trainable_parameters", "TrainableParameters",
     "train", "TrainConfig", "TrainError", "load_trained",
     "evaluate_model", "evaluate_noisy_qa", "evaluate_needle", "evaluate_perplexity", "EvalResults", "write_results",
     "read_results", "AttentionMeasures", "measure_attention", "example_attention", "dataset_attention",

@@ -42,6 +42,7 @@ from .evaluate import EvalResults, evaluate_model, write_results
 from .measures import AttentionMeasures, dataset_attention
 from .patch import apply
 from .plots import plot_accuracy, plot_attention_to_gold, plot_needle
+from .progress import eta_seconds, format_seconds
 from .tiny import tiny_model_path
 from .train import RUN_FILE, TrainConfig, load_trained, train
 
@@ -244,9 +245,17 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
     train_seconds: dict[str, list[float]] = {}
     reused = 0  # training runs found finished in `out` (their time is not in this invocation's total)
     labels = cfg.labels()
+    # One progress line per finished row with elapsed time and ETA; a trained row costs far more than an evaluated
+    # one, so the ETA prices each kind at its own mean so far (attndenoise.progress.eta_seconds).
+    kind = {label: "evaluated" if label == BASE_LABEL or label in inference_methods() else "trained"
+            for label in labels}
+    remaining = {k: cfg.seeds * sum(v == k for v in kind.values()) for k in ("evaluated", "trained")}
+    row_seconds: dict[str, list[float]] = {"evaluated": [], "trained": []}
+    rows_total, rows_done = cfg.seeds * len(labels), 0
     for seed in range(cfg.seeds):
         att_examples = _attention_examples(cfg, seed)
         for label in labels:
+            row_start = time.perf_counter()
             if label == BASE_LABEL:
                 model, tokenizer = _load_base(base)
             elif label in inference_methods():
@@ -270,6 +279,13 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
                 results.append(res)
                 attention.setdefault(label, []).append(dataset_attention(model, tokenizer, att_examples))
             del model
+            row_seconds[kind[label]].append(time.perf_counter() - row_start)
+            remaining[kind[label]] -= 1
+            rows_done += 1
+            _log(progress, f"row {rows_done}/{rows_total} done: {label} (seed {seed}) in "
+                           f"{format_seconds(row_seconds[kind[label]][-1])}; elapsed "
+                           f"{format_seconds(time.perf_counter() - start)}, ETA "
+                           f"{format_seconds(eta_seconds(row_seconds, remaining))}")
 
     _log(progress, "writing the report")
     write_results(results, out)

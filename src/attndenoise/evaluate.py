@@ -49,6 +49,7 @@ from .data.loading import DataFormatError, load_examples
 from .data.retrieval import squad_normalize
 from .data.synthetic import SyntheticQA
 from .data.tokenizer import warn_unknown_tokens
+from .progress import ProgressArg, make_progress
 
 DEFAULT_NOISE_RATIOS = (0.0, 0.5, 0.8, 0.9)
 DEFAULT_CONTEXT_LENGTHS = (64, 128, 256)
@@ -408,6 +409,21 @@ def _mean(xs: Iterable[float]) -> float:
 # -- tasks --------------------------------------------------------------------------------------------------------
 
 
+# Cost estimates of one setting for the ETA (roughly its prompt tokens): a noisy-QA example at ratio r holds about
+# 1/(1-r) times the documents of a clean one (~60 tokens); a needle example is its haystack; a perplexity text is five
+# documents, scored in one forward pass (no generation).
+def _qa_weight(n: int, ratio: float | None) -> float:
+    return max(n, 1) * 60.0 / (1.0 - (ratio or 0.0))
+
+
+def _needle_weight(n: int, length: int) -> float:
+    return max(n, 1) * float(length)
+
+
+def _ppl_weight(n: int) -> float:
+    return max(n, 1) * 60.0
+
+
 def qa_examples(
     n: int = 100, *, seed: int = 0, data: str | Path | Sequence[Example] | None = None
 ) -> list[Example]:
@@ -433,13 +449,15 @@ def evaluate_noisy_qa(
     max_new_tokens: int = 16,
     max_length: int | None = None,
     fmt: PromptFormat = DEFAULT_FORMAT,
+    progress: ProgressArg = False,
 ) -> list[QAResult]:
     """Noisy-context QA accuracy at each noise ratio (module docstring; SPEC "noisy-context" setting of issue 7).
 
     For each ratio the distractors are drawn by ``noisy_examples(raw, ratio, seed=seed)`` (the example's own
     distractors first, then other examples' documents), so any two models evaluated with the same ``seed`` and data
     see identical prompts. ``noise_ratios=None`` evaluates the contexts of ``data`` as given (also the only option
-    for chat examples, which have no documents to add).
+    for chat examples, which have no documents to add). ``progress``: ``True`` reports each finished ratio with the
+    elapsed time and ETA on stderr (:mod:`attndenoise.progress`), or pass a shared ``Progress``; quiet by default.
     """
     raw = qa_examples(n, seed=seed, data=data)
     if not raw:
@@ -458,11 +476,19 @@ def evaluate_noisy_qa(
         docs = [ex for ex in raw if isinstance(ex, NoisyExample)]
         settings = [(float(r), list(noisy_examples(docs, float(r), seed=seed))) for r in noise_ratios]
     results = []
-    for ratio, exs in settings:
-        answers = generate_answers(model, tokenizer, exs, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   max_length=max_length, fmt=fmt)
-        results.append(qa_result(ratio, score_predictions(exs, answers)))
-        warn_if_empty(results[-1].predictions, "noisy-qa" + ("" if ratio is None else f" at noise {ratio:g}"))
+    reporter, own = make_progress(progress, sum(_qa_weight(n, r) for r, _ in settings), "noisy-qa")
+    try:
+        for ratio, exs in settings:
+            answers = generate_answers(model, tokenizer, exs, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       max_length=max_length, fmt=fmt)
+            results.append(qa_result(ratio, score_predictions(exs, answers)))
+            warn_if_empty(results[-1].predictions, "noisy-qa" + ("" if ratio is None else f" at noise {ratio:g}"))
+            if reporter is not None:
+                reporter.advance("noisy-qa " + ("as given" if ratio is None else f"noise {ratio:g}"),
+                                 _qa_weight(n, ratio))
+    finally:
+        if own and reporter is not None:
+            reporter.close()
     return results
 
 
@@ -476,18 +502,29 @@ def evaluate_needle(
     seed: int = 0,
     batch_size: int = 16,
     max_new_tokens: int = 12,
+    progress: ProgressArg = False,
 ) -> list[NeedleCell]:
     """Pass-key exact match on the grid ``context_lengths x depths``, ``n`` keys per cell (seeds ``seed .. seed+n-1``,
-    the same for every model). Context lengths count haystack tokens of the embedded tokenizer's pre-tokenizer."""
+    the same for every model). Context lengths count haystack tokens of the embedded tokenizer's pre-tokenizer.
+    ``progress`` as in :func:`evaluate_noisy_qa` (one report per cell)."""
     cells = []
-    for length in context_lengths:
-        for depth in depths:
-            exs: list[Example] = [SyntheticQA.needle(int(length), float(depth), seed=seed + i) for i in range(n)]
-            preds = score_predictions(exs, generate_answers(
-                model, tokenizer, exs, batch_size=batch_size, max_new_tokens=max_new_tokens))
-            warn_if_empty(preds, f"needle at length {int(length)}, depth {float(depth):g}")
-            cells.append(NeedleCell(context_len=int(length), depth=float(depth), n=len(preds),
-                                    exact_match=_mean(p.exact_match for p in preds), predictions=preds))
+    total = sum(_needle_weight(n, int(length)) for length in context_lengths) * len(depths)
+    reporter, own = make_progress(progress, total, "needle")
+    try:
+        for length in context_lengths:
+            for depth in depths:
+                exs: list[Example] = [SyntheticQA.needle(int(length), float(depth), seed=seed + i) for i in range(n)]
+                preds = score_predictions(exs, generate_answers(
+                    model, tokenizer, exs, batch_size=batch_size, max_new_tokens=max_new_tokens))
+                warn_if_empty(preds, f"needle at length {int(length)}, depth {float(depth):g}")
+                cells.append(NeedleCell(context_len=int(length), depth=float(depth), n=len(preds),
+                                        exact_match=_mean(p.exact_match for p in preds), predictions=preds))
+                if reporter is not None:
+                    reporter.advance(f"needle length {int(length)} depth {float(depth):g}",
+                                     _needle_weight(n, int(length)))
+    finally:
+        if own and reporter is not None:
+            reporter.close()
     return cells
 
 
@@ -594,8 +631,13 @@ def evaluate_model(
     batch_size: int = 16,
     max_new_tokens: int = 16,
     max_length: int | None = None,
+    progress: ProgressArg = False,
 ) -> EvalResults:
-    """Run the chosen ``tasks`` (``"noisy-qa"``, ``"needle"``, ``"ppl"``) on one model -> :class:`EvalResults`."""
+    """Run the chosen ``tasks`` (``"noisy-qa"``, ``"needle"``, ``"ppl"``) on one model -> :class:`EvalResults`.
+
+    ``progress``: ``True`` reports every finished setting (noise ratio, needle cell, perplexity) with elapsed time and
+    ETA on stderr, a bar on a terminal (:mod:`attndenoise.progress`); a ``Progress`` shares one ETA over several
+    models (the CLI's multi-run ``eval``). Quiet by default, as a library call should be."""
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; accepted: {', '.join(TASKS)}")
@@ -605,15 +647,47 @@ def evaluate_model(
         "context_lengths": [int(c) for c in context_lengths], "depths": [float(d) for d in depths],
         "needle_n": needle_n, "max_new_tokens": max_new_tokens, "decoding": "greedy",
     })
-    if "noisy-qa" in tasks:
-        res.qa = evaluate_noisy_qa(model, tokenizer, noise_ratios=noise_ratios, n=n, seed=seed, data=data,
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)
-    if "needle" in tasks:
-        res.needle = evaluate_needle(model, tokenizer, context_lengths=context_lengths, depths=depths, n=needle_n,
-                                     seed=seed, batch_size=batch_size)
-    if "ppl" in tasks:
-        res.perplexity = evaluate_perplexity(model, tokenizer, texts, n=n, seed=seed, max_length=max_length)
+    reporter, own = make_progress(progress, evaluation_weight(
+        tasks, noise_ratios=noise_ratios, n=n, context_lengths=context_lengths, depths=depths, needle_n=needle_n,
+        texts=texts), label)
+    try:
+        if "noisy-qa" in tasks:
+            res.qa = evaluate_noisy_qa(model, tokenizer, noise_ratios=noise_ratios, n=n, seed=seed, data=data,
+                                       batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
+                                       progress=reporter)
+        if "needle" in tasks:
+            res.needle = evaluate_needle(model, tokenizer, context_lengths=context_lengths, depths=depths,
+                                         n=needle_n, seed=seed, batch_size=batch_size, progress=reporter)
+        if "ppl" in tasks:
+            res.perplexity = evaluate_perplexity(model, tokenizer, texts, n=n, seed=seed, max_length=max_length)
+            if reporter is not None:
+                reporter.advance("perplexity", _ppl_weight(n if texts is None else len(texts)))
+    finally:
+        if own and reporter is not None:
+            reporter.close()
     return res
+
+
+def evaluation_weight(
+    tasks: Sequence[str],
+    *,
+    noise_ratios: Sequence[float] | None = DEFAULT_NOISE_RATIOS,
+    n: int = 100,
+    context_lengths: Sequence[int] = DEFAULT_CONTEXT_LENGTHS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    needle_n: int = 5,
+    texts: Sequence[str] | None = None,
+) -> float:
+    """The cost estimate of :func:`evaluate_model` with these settings (the total its progress counts down), so that
+    a caller evaluating several models can give them one shared ``Progress``."""
+    total = 0.0
+    if "noisy-qa" in tasks:
+        total += sum(_qa_weight(n, r) for r in (noise_ratios if noise_ratios is not None else [None]))
+    if "needle" in tasks:
+        total += sum(_needle_weight(needle_n, int(c)) for c in context_lengths) * len(depths)
+    if "ppl" in tasks:
+        total += _ppl_weight(n if texts is None else len(texts))
+    return total
 
 
 TASKS = ("noisy-qa", "needle", "ppl")
@@ -623,5 +697,6 @@ __all__ = [
     "score_predictions", "qa_examples", "EmptyAnswersWarning", "warn_if_empty", "example_texts",
     "held_out_texts", "read_texts", "normalize_text", "exact_match", "token_f1",
     "lenient_match", "METRICS", "Prediction", "QAResult", "NeedleCell", "PerplexityResult", "EvalResults",
-    "write_results", "read_results", "TASKS", "DEFAULT_NOISE_RATIOS", "DEFAULT_CONTEXT_LENGTHS", "DEFAULT_DEPTHS",
+    "write_results", "read_results", "evaluation_weight",
+    "TASKS", "DEFAULT_NOISE_RATIOS", "DEFAULT_CONTEXT_LENGTHS", "DEFAULT_DEPTHS",
 ]

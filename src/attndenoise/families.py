@@ -56,8 +56,21 @@ _BY_CLASS = {cls: fam for fam in FAMILIES for cls in fam.attention_classes}
 SUPPORTED = ", ".join(f.name for f in FAMILIES)
 
 
+def family_class(module: nn.Module) -> type | None:
+    """The transformers attention class of ``module``, looked up along its MRO: FSDP2's ``fully_shard`` swaps a
+    module's class in place for a dynamic subclass (``FSDPLlamaAttention``), whose name and module are torch's."""
+    return next((c for c in type(module).__mro__ if c.__name__ in _BY_CLASS), None)
+
+
 def family_of(module: nn.Module) -> Family | None:
-    return _BY_CLASS.get(type(module).__name__)
+    cls = family_class(module)
+    return None if cls is None else _BY_CLASS[cls.__name__]
+
+
+def modelling_module(module: nn.Module) -> Any:
+    """The transformers modelling module that defines ``module``'s family (its rotary and eager functions)."""
+    cls = family_class(module) or type(module)
+    return sys.modules[cls.__module__]
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -216,7 +229,7 @@ def _rotary_fn(module: AttnModule) -> Callable[..., tuple[torch.Tensor, torch.Te
     fam = family_of(module)
     if fam is None or not fam.rotary:
         return None
-    return sys.modules[type(module).__module__].apply_rotary_pos_emb  # type: ignore[no-any-return]
+    return modelling_module(module).apply_rotary_pos_emb  # type: ignore[no-any-return]
 
 
 def rope(

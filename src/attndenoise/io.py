@@ -26,7 +26,7 @@ from . import registry
 from .config import ConfigError
 from .families import attention_layers, family_of, geometry
 from .patch import apply, method_modules, remove, require_state
-from .wrappers import unwrap
+from .wrappers import is_fsdp2, unwrap
 
 CONFIG_NAME = "attndenoise_config.json"
 WEIGHTS_NAME = "attndenoise_model.safetensors"
@@ -70,7 +70,14 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """All method tensors of a patched model (parameters and state buffers such as the schedule step)."""
+    """All method tensors of a patched model (parameters and state buffers such as the schedule step).
+
+    On an FSDP2-sharded model this is a collective (every rank must call it): the root's ``state_dict`` puts FSDP's
+    sharded ``DTensor`` objects in place (a submodule's own ``state_dict`` can see freed unsharded storage), and each
+    method tensor is all-gathered with ``full_tensor()``; only the method's tensors are gathered, not the model.
+    """
+    if is_fsdp2(model):
+        return _sharded_adapter_tensors(unwrap(model))
     out = {}
     for i, m in method_modules(model).items():
         for k, v in m.state_dict().items():
@@ -78,17 +85,41 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _sharded_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    full = model.state_dict()  # FSDP2's pre-hooks register the sharded parameters before this reads them
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for i, m in method_modules(model).items():
+        prefix = f"{names[id(m)]}."
+        for k in m.state_dict():
+            v = full[prefix + k]
+            if isinstance(v, DTensor):
+                v = v.full_tensor()
+            out[f"layers.{i}.{k}"] = v.detach().cpu().contiguous().clone()
+    return out
+
+
 def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the method's configuration and tensors to ``directory`` (atomic per file)."""
+    """Write the method's configuration and tensors to ``directory`` (atomic per file).
+
+    On an FSDP2-sharded model call it on every rank (the tensors are gathered collectively); rank 0 writes.
+    """
     st = require_state(model)
     d = Path(directory)
+    tensors = {k: v.cpu() for k, v in adapter_tensors(model).items()}
+    if is_fsdp2(model):
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return d
     d.mkdir(parents=True, exist_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "config": st.config.to_dict(),
         "base": base_signature(model),
     }
-    tensors = {k: v.cpu() for k, v in adapter_tensors(model).items()}
     _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return d

@@ -15,7 +15,6 @@ How it hooks into transformers (measured facts in shared NOTES-transformers.md):
 from __future__ import annotations
 
 import contextlib
-import sys
 import types
 import warnings
 from collections.abc import Iterator
@@ -31,9 +30,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import registry
 from .attention import resolve_mask, top_left_causal
 from .config import MethodConfig
-from .families import attention_layers, family_of, geometry, is_causal
+from .families import attention_layers, family_of, geometry, is_causal, modelling_module
 from .methods.base import Call, LayerContext, LayerInfo, MethodModule
-from .wrappers import adapter_parameters, is_adapted, is_data_parallel, unwrap
+from .wrappers import adapter_parameters, is_adapted, is_data_parallel, refuse_fsdp2, unwrap
 
 ATTN_IMPLEMENTATION = "attndenoise"
 _SLOT = "attndenoise"  # submodule name of the method module inside an attention module
@@ -103,7 +102,7 @@ def _stock_attention(
         m = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~m, torch.finfo(query.dtype).min
         )
-    eager_fn = sys.modules[type(module).__module__].eager_attention_forward
+    eager_fn = modelling_module(module).eager_attention_forward
     return eager_fn(module, query, key, value, m, **kwargs)  # type: ignore[no-any-return]
 
 
@@ -178,6 +177,8 @@ def _check_trainable(method: MethodModule) -> None:
 
 
 def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if module.__dict__.get("_ad_off", False):  # inside attndenoise.disabled: the stock layer, untouched inputs
+        return None
     method: MethodModule = getattr(module, _SLOT)
     _check_trainable(method)
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -232,6 +233,7 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
         # processes would drift apart silently
         raise TypeError(f"apply() on a {type(model).__name__}-wrapped model: apply the method first, then wrap "
                         "(DDP / accelerate's prepare / the Trainer do the wrapping for you)")
+    refuse_fsdp2(model, "apply() (and load())", "apply or load the method before fully_shard")
     given, model = model, unwrap(model)
     layers = attention_layers(model)
     module_cls = registry.module_class(config)
@@ -293,6 +295,8 @@ def _set_impl(model: Any, name: str) -> None:
 
 def _detach(model: nn.Module, restore_grad: bool) -> PatchState:
     st = require_state(model)
+    refuse_fsdp2(model, "remove() / merge()", "do it on an unsharded model (e.g. load the saved adapter into a "
+                 "stock copy with attndenoise.load)")
     model = unwrap(model)
     for h in st.hooks:
         h.remove()
@@ -302,6 +306,7 @@ def _detach(model: nn.Module, restore_grad: bool) -> PatchState:
         attn.__dict__.pop("_ad_fallback", None)
         attn.__dict__.pop("_ad_ctx", None)
         attn.__dict__.pop("_ad_eager", None)
+        attn.__dict__.pop("_ad_off", None)
     del model.__dict__["_attndenoise"]
     model.__dict__.pop("save_pretrained", None)
     _set_impl(model, st.original_impl)
@@ -321,6 +326,7 @@ def remove(model: nn.Module) -> nn.Module:
 def merge(model: nn.Module) -> nn.Module:
     """Fold a mergeable method (DEX, DiffV) into the base weights, then take it off: same outputs, no extra cost."""
     st = require_state(model)
+    refuse_fsdp2(model, "merge()", "merge on an unsharded model (load the saved adapter into a stock copy)")
     methods = [getattr(a, _SLOT) for a in st.layers.values()]
     from .methods.base import NotMergeableError
 
@@ -363,6 +369,35 @@ def set_trainable(model: nn.Module, trainable: bool = True) -> nn.Module:
         for p in m.parameters():
             p.requires_grad_(trainable)
     return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this block the model computes exactly what the stock model computes; the method (its tensors, the
+    optimiser's references to them, the schedule step) stays attached and is back unchanged afterwards, also after
+    an exception (peft's ``disable_adapter`` for attndenoise: compare against the base without reloading it).
+
+    The model's original attention implementation is switched back in and the method's pre-hooks pass through,
+    so no method code runs (a KV cache built inside holds stock keys and values: do not reuse it outside).
+    """
+    st = require_state(model)
+    base = unwrap(model)
+    layers = list(st.layers.values())
+    prev_flags = [a.__dict__.get("_ad_off", False) for a in layers]
+    prev_impl = getattr(base.config, "_attn_implementation", None) or ATTN_IMPLEMENTATION
+    for a in layers:
+        setattr(a, "_ad_off", True)  # noqa: B010
+    _set_impl(base, st.original_impl)
+    try:
+        yield model
+    finally:
+        if state_of(base) is st:  # not removed or merged inside the block (that restored the stock model itself)
+            for a, flag in zip(layers, prev_flags, strict=True):
+                if flag:
+                    setattr(a, "_ad_off", True)  # noqa: B010
+                else:
+                    a.__dict__.pop("_ad_off", None)
+            _set_impl(base, prev_impl)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,25 +63,96 @@ def accuracy_by_noise(results: Sequence[EvalResults], metric: str = "exact_match
     return {k: dict(v) for k, v in table.items()}
 
 
-def plot_accuracy(results: Sequence[EvalResults], path: str | Path, *, metric: str = "exact_match",
-                  title: str | None = None) -> Path:
-    """Accuracy vs noise ratio, one line per model/method (``EvalResults.label``); results sharing a label (several
-    seeds) become the mean with error bars of one sample standard deviation."""
+@dataclass
+class AccuracyLine:
+    """One line of :func:`plot_accuracy`, exactly as drawn: the value and the error bar's ends at each ratio.
+
+    ``error``: ``"wilson"`` (one seed: the 95% Wilson score interval of ``value`` over ``n`` examples; exact for the
+    0/1 metrics, an approximation for token F1) or ``"std"`` (several seeds: mean +- one sample standard deviation).
+    """
+
+    label: str
+    ratios: list[float]
+    values: list[float]
+    lower: list[float]
+    upper: list[float]
+    n: list[int]  # examples per point (summed over seeds)
+    seeds: int
+    error: str
+    reference: bool = False
+
+    @property
+    def legend(self) -> str:
+        ns = sorted(set(self.n))
+        n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+        return (f"{self.label} (base)" if self.reference else self.label) + f", {n}" + (
+            f", {self.seeds} seeds" if self.seeds > 1 else "")
+
+
+def accuracy_lines(results: Sequence[EvalResults], metric: str = "exact_match", *,
+                   reference: str | None = None) -> list[AccuracyLine]:
+    """What :func:`plot_accuracy` draws, line by line, in first-seen label order (so tests can check the plot's
+    numbers, not only that a PNG exists). ``reference`` names the base model's label, drawn as the reference line."""
+    from .robustness import wilson_interval
+
     table = accuracy_by_noise(results, metric)
-    if not table:
-        raise ValueError("no noisy-QA results at explicit noise ratios to plot")
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for k, (label, by_ratio) in enumerate(table.items()):
+    counts: dict[str, dict[float, int]] = defaultdict(lambda: defaultdict(int))
+    seeds: dict[str, set[int]] = defaultdict(set)
+    for r in results:
+        for q in r.qa:
+            if q.noise_ratio is not None:
+                counts[r.label][q.noise_ratio] += q.n
+                seeds[r.label].add(r.seed)
+    lines = []
+    for label, by_ratio in table.items():
         ratios = sorted(by_ratio)
-        stats = [_mean_std(by_ratio[r]) for r in ratios]
-        several = any(len(by_ratio[r]) > 1 for r in ratios)
+        several = any(len(by_ratio[x]) > 1 for x in ratios)
+        values, lower, upper = [], [], []
+        for x in ratios:
+            if several:
+                mean, sd = _mean_std(by_ratio[x])
+                lo, hi = mean - sd, mean + sd
+            else:
+                mean = by_ratio[x][0]
+                lo, hi = wilson_interval(mean * counts[label][x], counts[label][x])
+            values.append(mean)
+            lower.append(lo)
+            upper.append(hi)
+        lines.append(AccuracyLine(label, ratios, values, lower, upper, [counts[label][x] for x in ratios],
+                                  len(seeds[label]), "std" if several else "wilson", label == reference))
+    return lines
+
+
+def plot_accuracy(results: Sequence[EvalResults], path: str | Path, *, metric: str = "exact_match",
+                  title: str | None = None, reference: str | None = None) -> Path:
+    """Accuracy vs noise ratio, one line per model/method (``EvalResults.label``) with error bars: the 95% Wilson
+    interval of each point for one seed, one sample standard deviation over seeds when several results share a label.
+    ``reference`` (the base model's label) is drawn as a dashed black reference line with its interval shaded, so
+    every other line reads as better or worse than the base. The legend gives n per point (:func:`accuracy_lines`)."""
+    lines = accuracy_lines(results, metric, reference=reference)
+    if not lines:
+        raise ValueError("no noisy-QA results at explicit noise ratios to plot")
+    if reference is not None and not any(line.reference for line in lines):
+        raise ValueError(f"reference {reference!r} is not one of the labels: {', '.join(x.label for x in lines)}")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    k = 0
+    for line in lines:
+        below = [v - lo for v, lo in zip(line.values, line.lower, strict=True)]
+        above = [hi - v for v, hi in zip(line.values, line.upper, strict=True)]
+        if line.reference:
+            ax.plot(line.ratios, line.values, color="black", linestyle="--", marker="s", label=line.legend, zorder=3)
+            ax.fill_between(line.ratios, line.lower, line.upper, color="grey", alpha=0.2, linewidth=0)
+            continue
         color, marker = _style(k)
-        ax.errorbar(ratios, [s[0] for s in stats], yerr=[s[1] for s in stats] if several else None,
-                    marker=marker, color=color, capsize=3, label=label)
+        k += 1
+        ax.errorbar(line.ratios, line.values, yerr=[below, above], marker=marker, color=color, capsize=3,
+                    label=line.legend)
+    bars = {line.error for line in lines}
     ax.set_xlabel("noise ratio (share of distractor documents)")
     ax.set_ylabel(METRIC_LABELS[metric])
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title or f"Noisy-context QA: {METRIC_LABELS[metric]}")
+    what = " / ".join(("95% Wilson interval" if b == "wilson" else "+-1 sd over seeds") for b in sorted(bars))
+    ax.set_title(f"{title or f'Noisy-context QA: {METRIC_LABELS[metric]}'}\n(error bars: {what})", fontsize=10)
     ax.grid(alpha=0.3)
     _legend_outside(ax)
     return _save(fig, path)
@@ -169,4 +241,5 @@ def plot_attention_map(attention: torch.Tensor, gold_spans: Sequence[tuple[int, 
     return _save(fig, path)
 
 
-__all__ = ["plot_accuracy", "plot_needle", "plot_attention_to_gold", "plot_attention_map", "accuracy_by_noise"]
+__all__ = ["plot_accuracy", "plot_needle", "plot_attention_to_gold", "plot_attention_map", "accuracy_by_noise",
+           "accuracy_lines", "AccuracyLine"]

@@ -6,7 +6,9 @@ engines and ``torch.compile``'s ``OptimizedModule``. The method's state lives on
 so ``apply`` on a wrapper and a later ``peft`` merge (which returns that inner model) keep one state, never an
 orphaned one.
 
-Not covered: FSDP2 (``fully_shard``) does not wrap but changes classes in place and shards parameters; see README.
+FSDP2 (``fully_shard``) does not wrap: it swaps classes in place for dynamic subclasses (family detection looks
+along the MRO) and shards parameters into ``DTensor`` objects. ``save`` gathers the method's full tensors; ``apply`` /
+``load`` / ``merge`` / ``remove`` on a sharded model are refused with what to do instead (:func:`refuse_fsdp2`).
 """
 
 from __future__ import annotations
@@ -86,3 +88,25 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(copies, nn.ModuleDict) and hasattr(m, "original_module"):
             found.update((id(p), p) for p in copies.parameters())
     return list(found.values())
+
+
+class ShardedModelError(TypeError):
+    """An operation that would change the parameters of an FSDP2-sharded model (FSDP would not manage them)."""
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether any submodule of ``model`` was sharded by FSDP2's ``fully_shard`` (torch never imported: no)."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in unwrap(model).modules())
+
+
+def refuse_fsdp2(model: nn.Module, what: str, instead: str) -> None:
+    """Raise :class:`ShardedModelError` for ``what`` on an FSDP2-sharded ``model``, saying what to do instead."""
+    if is_fsdp2(model):
+        raise ShardedModelError(
+            f"{what} on an FSDP2-sharded model (fully_shard): FSDP manages only the parameters it sharded, so "
+            f"{instead}. attndenoise.save works on a sharded model (call it on every rank; rank 0 writes)"
+        )

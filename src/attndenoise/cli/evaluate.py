@@ -88,6 +88,30 @@ def load_model(model: str | None, adapter: Path | None, dtype: str = "float32",
     return m, tok
 
 
+def model_labels(adapters: list[Path], labels: list[str], model: str | None, method: str | None
+                 ) -> tuple[list[str], str]:
+    """Names of the evaluated models in tables and plots (one per adapter, or one for the model itself when no
+    adapter is given) and of the base: ``--label`` values in order, else each adapter's folder name, its whole path
+    where two names would collide (results sharing a label are read as seeds of one model and averaged); the base is
+    named after ``model`` (``tiny`` by default), ``base`` if an adapter already took that name."""
+    count = max(1, len(adapters))
+    if labels and len(labels) != count:
+        fail(f"--label: {len(labels)} label(s) for {count} model(s); give one --label per --adapter, or none")
+    base = Path(model).name if model else "tiny"
+    if labels:
+        names = list(labels)
+    elif adapters:
+        folder = [a.name or str(a) for a in adapters]
+        names = [str(a) if folder.count(f) > 1 else f for a, f in zip(adapters, folder, strict=True)]
+        names = [f"{x}+{method}" if method else x for x in names]
+    else:
+        names = [f"{base}+{method}" if method else base]
+    repeated = sorted({x for x in names if names.count(x) > 1})
+    if repeated:
+        fail(f"--label {', '.join(repeated)}: given to several models; every model needs its own label")
+    return names, ("base" if base in names else base)
+
+
 def parse_floats(text: str, what: str) -> list[float]:
     """Comma-separated numbers (kept for callers of the old helper)."""
     return list(numbers(text, what))
@@ -97,7 +121,11 @@ def parse_floats(text: str, what: str) -> list[float]:
 def eval_command(
     model: Annotated[str | None, typer.Option(help="tiny (default: the embedded model), smollm2-135m, a .gguf file, "
                                                   "a model folder or a hub id")] = None,
-    adapter: Annotated[Path | None, typer.Option(help="trained run / adapter directory to load onto the model")] = None,
+    adapter: Annotated[list[Path] | None, typer.Option(
+        help="trained run / adapter directory to load onto the model; repeat it (or give a comma list) to compare "
+             "several runs in one results file and plot")] = None,
+    no_base: Annotated[bool, typer.Option(
+        "--no-base", help="with --adapter / --method: do not evaluate the base model as the reference")] = False,
     method: Annotated[str | None, typer.Option(
         help="an inference-only method to apply to the loaded model (sra; see `attndenoise methods sra`)")] = None,
     set_: Annotated[list[str] | None, typer.Option(
@@ -114,18 +142,27 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="seed of examples and distractor draws (same for every model)")] = 0,
     batch_size: Annotated[int, typer.Option(help="generation batch size")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="longest generated answer")] = 16,
-    label: Annotated[str | None, typer.Option(help="name of this model in tables and plots")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        help="name of the model in tables and plots (one per --adapter; default: the adapter folder's name)")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     out: Annotated[Path, typer.Option(help="output folder: results.json, results.csv, plots")] = Path("eval-out"),
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice)")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="report each finished setting with "
+                                           "elapsed time and ETA on stderr (a bar on a terminal)")] = True,
 ) -> None:
     """Evaluate a model: greedy noisy-context QA (exact match, token F1 and the labelled lenient match), pass-key
     retrieval on a length x depth grid, or perplexity. Writes results.json / results.csv (and PNG plots) to --out.
+
+    With --adapter (repeatable) or --method, the base model is evaluated too (unless --no-base) on the same seeded
+    examples, and every model goes into one results.json / results.csv and one accuracy plot: the base as the
+    reference line, n in the legend, 95% Wilson intervals as error bars.
 
     Every argument and data file is checked before the model is loaded; an error is one line and exit code 2, and
     nothing is written.
 
     Example: attndenoise eval --adapter runs/daa --task noisy-qa,needle --noise 0,0.8,0.9 --out eval/daa
+
+    Example: attndenoise eval --adapter runs/daa --adapter runs/lora --noise 0.8,0.9 --out eval/compare
 
     Example: attndenoise eval --method sra --set b=2 --set t=24 --out eval/sra
     """
@@ -146,11 +183,24 @@ def eval_command(
             fail(f"--dtype {dtype!r}: accepted: {', '.join(DTYPES)}")
         output_folder(out)
         method_config = check_method(method, parse_sets(set_ or []))
-        if adapter is not None:
-            check_adapter_dir(adapter)
+        adapters = [Path(p.strip()) for a in adapter or [] for p in str(a).split(",") if p.strip()]
+        names, base_name = model_labels(adapters, list(label or []), model, method)
+        for a in adapters:
+            check_adapter_dir(a)
+        # (adapter, inference-only method, label) of every model to evaluate; the base last, as the reference
+        targets: list[tuple[Path | None, Any, str]] = [
+            (a, method_config, x) for a, x in zip(adapters, names[:len(adapters)], strict=True)]
+        if not targets and method_config is not None:
+            targets = [(None, method_config, names[0])]
+        if no_base and not targets:
+            fail("--no-base: nothing left to evaluate; give --adapter or --method")
+        reference = None if no_base or not targets else base_name
+        if not targets or reference is not None:
+            targets.append((None, None, base_name if targets else names[0]))
         from attndenoise.data import ChatExample
-        from attndenoise.evaluate import evaluate_model, qa_examples, read_texts, write_results
+        from attndenoise.evaluate import evaluate_model, evaluation_weight, qa_examples, read_texts, write_results
         from attndenoise.plots import plot_accuracy, plot_needle
+        from attndenoise.progress import Progress
 
         if data is not None and "noisy-qa" in tasks:
             if not data.exists():
@@ -166,29 +216,45 @@ def eval_command(
         # -- the model, then the measurement (errors still write nothing) ----------------------------------------
         import torch
 
-        torch.manual_seed(seed)
-        m, tok = load_model(model, adapter, dtype, method_config)
-        name = label or (adapter.name if adapter is not None else Path(model).name if model else "tiny")
-        if method_config is not None and label is None:
-            name += f"+{method_config.name}"
-        with one_line_warnings():
-            res = evaluate_model(
-                m, tok, label=name, tasks=tasks, seed=seed, noise_ratios=ratios, n=n, data=data,
-                context_lengths=lengths, depths=depth_list, needle_n=needle_n, texts=text_list,
-                batch_size=batch_size, max_new_tokens=max_new_tokens,
-            )
-    if method_config is not None:
-        res.settings["method"] = method_config.to_dict()
-    json_path, csv_path = write_results(res, out)
+        weight = evaluation_weight(tasks, noise_ratios=ratios, n=n, context_lengths=lengths, depths=depth_list,
+                                   needle_n=needle_n, texts=text_list)
+        # one reporter over every model: the ETA covers the whole comparison
+        reporter = Progress(weight * len(targets), "eval") if progress else None
+        results = []
+        try:
+            for path, cfg, name in targets:
+                torch.manual_seed(seed)
+                m, tok = load_model(model, path, dtype, cfg)
+                with one_line_warnings():
+                    res = evaluate_model(
+                        m, tok, label=name, tasks=tasks, seed=seed, noise_ratios=ratios, n=n, data=data,
+                        context_lengths=lengths, depths=depth_list, needle_n=needle_n, texts=text_list,
+                        batch_size=batch_size, max_new_tokens=max_new_tokens,
+                        progress=False if reporter is None else reporter,
+                    )
+                if cfg is not None:
+                    res.settings["method"] = cfg.to_dict()
+                res.settings["adapter"] = None if path is None else str(path)
+                results.append(res)
+                del m
+        finally:
+            if reporter is not None:
+                reporter.close()
+    json_path, csv_path = write_results(results, out)
     console = Console()
-    table = Table("task", "setting", "metric", "value", "n")
-    for row in res.rows():
-        setting = (f"noise={row['noise_ratio']}" if row["task"] == "noisy-qa"
-                   else f"len={row['context_len']} depth={row['depth']}" if row["task"] == "needle" else "")
-        table.add_row(row["task"], setting, row["metric"], f"{row['value']:.4f}", str(row["n"]))
+    table = Table("model", "task", "setting", "metric", "value", "n")
+    for res in results:
+        for row in res.rows():
+            setting = (f"noise={row['noise_ratio']}" if row["task"] == "noisy-qa"
+                       else f"len={row['context_len']} depth={row['depth']}" if row["task"] == "needle" else "")
+            table.add_row(res.label, row["task"], setting, row["metric"], f"{row['value']:.4f}", str(row["n"]))
     console.print(table)
-    if res.qa and ratios is not None:
-        plot_accuracy([res], out / "accuracy.png")
-    if res.needle:
-        plot_needle(res, out / "needle.png")
+    if results[0].qa and ratios is not None:
+        plot_accuracy(results, out / "accuracy.png", reference=reference,
+                      title=f"Noisy-context QA: exact match, n={results[0].qa[0].n} per point" + (
+                          f" (base: {reference})" if reference else ""))
+    for res in results:
+        if res.needle:
+            safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in res.label)
+            plot_needle(res, out / ("needle.png" if len(results) == 1 else f"needle-{safe}.png"))
     console.print(f"wrote {json_path} and {csv_path}")
