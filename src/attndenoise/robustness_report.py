@@ -210,8 +210,10 @@ def write_report(out: Path, results: Mapping[str, Mapping[str, Any]], meta: Mapp
                 md.append(f"| SRA, {n.split('-')[2]} | {r['k']} hard | "
                           f"{_ci(r)} | {_pct(r['exact_match'])} |")
     md += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
-    md += ["", "Reproduce: `attndenoise robustness --data PATH --model " + cfg["model"] + f" --n {cfg['n']}` "
-           "(finished parts in `parts/` are reused).", ""]
+    flags = f"--model {cfg['model']} --n {cfg['n']} --sra-val-n {cfg['sra_val_n']}"
+    flags += f" --threads {cfg['threads']}" if cfg.get("threads") else ""
+    md += ["", f"Reproduce: `attndenoise robustness --data {Path(cfg['data']).name} {flags} --out {out}` "
+           "(finished parts in `parts/` are reused; a changed setting re-runs only the parts it touches).", ""]
     report = out / "report.md"
     report.write_text("\n".join(md))
     return report
