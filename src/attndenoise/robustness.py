@@ -368,8 +368,9 @@ def run_robustness(cfg: RobustnessConfig, console: Any = None) -> Path:
     meta = {"config": {**asdict(cfg), "sra_grid": list(cfg.sra_grid)}, "machine": machine(),
             "wall_seconds": seconds, "model_load_seconds": runner.model_seconds,
             "test_questions": len(runner.test), "validation_questions": len(runner.val),
-            "sra_chosen": chosen, "split_sizes": [len(split_records(runner.records, s))
-                                                  for s in ("train", "validation", "test")]}
+            "parts_seconds": sum(float(r.get("seconds", 0.0)) for r in results.values()),
+            "load_average": os.getloadavg()[0], "sra_chosen": chosen,
+            "split_sizes": [len(split_records(runner.records, s)) for s in ("train", "validation", "test")]}
     return write_report(Path(cfg.out), results, meta)
 
 

@@ -130,9 +130,16 @@ def _summary(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) 
         b = base.get(r["k"])
         if b is not None:
             d = r["best_subspan_em"] - b["best_subspan_em"]
+            overlap = r["ci_best_subspan_em"][0] <= b["ci_best_subspan_em"][1] and \
+                b["ci_best_subspan_em"][0] <= r["ci_best_subspan_em"][1]
             lines.append(f"- SRA ({'authors' if tag == 'authors' else 'chosen on validation'}) at {r['k']} hard "
                          f"distractors: {_pct(r['best_subspan_em'])}% vs {_pct(b['best_subspan_em'])}% for the "
-                         f"base ({'+' if d >= 0 else ''}{_pct(d)} points on the same {r['n']} questions).")
+                         f"base ({'+' if d >= 0 else ''}{_pct(d)} points on the same {r['n']} questions; the "
+                         f"intervals {'overlap' if overlap else 'do not overlap'}).")
+    ems = [r["exact_match"] for n, r in results.items() if "exact_match" in r]
+    if ems and max(ems) < 0.05:
+        lines.append("- Exact match is near 0 everywhere: the model answers in a sentence (\"The capital of France "
+                     "is Paris.\"), which is what best-subspan EM was made for.")
     return lines
 
 
@@ -162,9 +169,10 @@ def write_report(out: Path, results: Mapping[str, Mapping[str, Any]], meta: Mapp
           "tokens, the answer line only; the prompt of *Lost in the Middle* through the model's chat template. "
           "Best-subspan EM: any SQuAD-normalised gold answer inside the normalised prediction; brackets: 95% Wilson "
           "interval.", "",
-          f"Machine: {meta['machine']}. Wall time {meta['wall_seconds'] / 60:.1f} min"
-          + (" (parts reused from an earlier run count only their load)" if any(r.get("reused")
-                                                                                for r in results.values()) else "")
+          f"Machine: {meta['machine']}. Measuring time, summed over the parts: "
+          f"{meta.get('parts_seconds', 0) / 60:.1f} min; this run's wall time {meta['wall_seconds'] / 60:.1f} min"
+          + (" (it reused parts measured earlier)" if any(r.get("reused") for r in results.values()) else "")
+          + (f"; 1-minute load average at the end {meta['load_average']:.1f}" if "load_average" in meta else "")
           + ".", "", "## Summary", "", *_summary(results, meta), ""]
     md += ["## Accuracy against the number of distractors", "",
            "| distractors | kind | best-subspan EM % [95% CI] | EM % | F1 % | prompt tokens | s / question |",
