@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from . import app
+from .common import fail, user_errors
 
 _err = Console(stderr=True)
 
@@ -55,8 +56,6 @@ def robustness_command(
 
     Example: attndenoise robustness --data nq-open-oracle.jsonl.gz --model smollm2-135m --out docs/real
     """
-    from ..data import DataFormatError
-    from ..models import ModelNotFoundError
     from ..robustness import RobustnessConfig, RobustnessError, run_robustness
 
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
@@ -66,13 +65,13 @@ def robustness_command(
         attention_n=attention_n, sra=sra, sra_val_n=sra_val_n, seed=seed, batch_size=batch_size, threads=threads,
         dtype=dtype,
     )
-    try:
-        cfg.validate()
-        from ..models import resolve_model
+    with user_errors():  # the library's user errors (data, model, config) in one line, exit 2
+        try:
+            cfg.validate()
+            from ..models import resolve_model
 
-        resolve_model(model)  # a bad --model fails now, before the data is read
-        report = run_robustness(cfg, _err)
-    except (RobustnessError, DataFormatError, ModelNotFoundError) as e:
-        _err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+            resolve_model(model)  # a bad --model fails now, before the data is read
+            report = run_robustness(cfg, _err)
+        except RobustnessError as e:
+            fail(str(e))
     Console().print(f"wrote {report}")
