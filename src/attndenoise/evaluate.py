@@ -45,7 +45,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .data.examples import ChatExample, Example, NoisyExample, noisy_examples
 from .data.formatting import DEFAULT_FORMAT, PromptFormat, collate, encode_for_training, format_context
-from .data.loading import DataFormatError, load_examples
+from .data.loading import DataFormatError, iter_json_records, load_examples
 from .data.retrieval import squad_normalize
 from .data.synthetic import SyntheticQA
 from .data.tokenizer import warn_unknown_tokens
@@ -545,23 +545,18 @@ def read_texts(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such text file: {p}")
-    try:
-        content = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataFormatError(f"{p.name}: not valid UTF-8 (byte {e.start})") from None
     if p.suffix.lower() in (".jsonl", ".ndjson"):
         texts = []
-        for i, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{p.name}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+        # The data loader's line reader: bad UTF-8 or JSON name the line, as for QA data.
+        for where, rec in iter_json_records(p):
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise DataFormatError(f"{p.name}:{i}: expected an object with a string field 'text'")
+                raise DataFormatError(f"{where}: expected an object with a string field 'text'")
             texts.append(rec["text"])
     else:
+        try:
+            content = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFormatError(f"{p.name}: not valid UTF-8 (byte {e.start})") from None
         texts = [line for line in content.splitlines() if line.strip()]
     if not texts:
         raise DataFormatError(f"{p.name}: no texts (give one text per line, or JSONL with a 'text' field)")

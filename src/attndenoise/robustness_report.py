@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,23 @@ def _ci(row: Mapping[str, Any]) -> str:
     return f"{_pct(row['best_subspan_em'])} [{_pct(lo)}, {_pct(hi)}]"
 
 
+def _yerr(rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """Matplotlib's asymmetric error bars (below, above) of best-subspan EM from each row's Wilson interval."""
+    return [[r["best_subspan_em"] - r["ci_best_subspan_em"][0] for r in rows],
+            [r["ci_best_subspan_em"][1] - r["best_subspan_em"] for r in rows]]
+
+
+def _finish(fig: Any, ax: Any, path: Path, xlabel: str, title: str) -> Path:
+    """The axes every accuracy plot shares (best-subspan EM on [0, 1]), then save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("best-subspan exact match")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _curve(results: Mapping[str, Mapping[str, Any]], kind: str) -> list[tuple[int, Mapping[str, Any]]]:
     rows = [(r["k"], r) for name, r in results.items() if name.startswith("curve-")
             and (r["kind"] == kind or r["k"] == 0)]
@@ -36,54 +53,37 @@ def plot_distractors(results: Mapping[str, Mapping[str, Any]], path: Path, title
     kinds = sorted({r["kind"] for n, r in results.items() if n.startswith("curve-") and r["k"] > 0})
     for j, kind in enumerate(kinds):
         rows = _curve(results, kind)
-        ks = [k for k, _ in rows]
-        ys = [r["best_subspan_em"] for _, r in rows]
-        err = [[y - r["ci_best_subspan_em"][0] for (_, r), y in zip(rows, ys, strict=True)],
-               [r["ci_best_subspan_em"][1] - y for (_, r), y in zip(rows, ys, strict=True)]]
         offset = (j - (len(kinds) - 1) / 2) * 0.25  # keep the error bars of the two lines apart
-        ax.errorbar([k + offset for k in ks], ys, yerr=err, marker="os"[j % 2], capsize=3,
-                    label=f"{kind} distractors")
+        ax.errorbar([k + offset for k, _ in rows], [r["best_subspan_em"] for _, r in rows],
+                    yerr=_yerr([r for _, r in rows]), marker="os"[j % 2], capsize=3, label=f"{kind} distractors")
     sra = [(n.split("-")[2], r) for n, r in results.items() if n.startswith("sra-test-")]
     for name_tag, r in sra:
         tag = "SRA, authors' constants" if name_tag == "authors" else "SRA, chosen on validation"
-        ax.errorbar([r["k"] + 0.4], [r["best_subspan_em"]],
-                    yerr=[[r["best_subspan_em"] - r["ci_best_subspan_em"][0]],
-                          [r["ci_best_subspan_em"][1] - r["best_subspan_em"]]],
+        ax.errorbar([r["k"] + 0.4], [r["best_subspan_em"]], yerr=_yerr([r]),
                     marker="^" if name_tag == "authors" else "v", linestyle="none", capsize=3, label=tag)
-    ks = sorted({r["k"] for n, r in results.items() if n.startswith("curve-")})
-    ax.set_xticks(ks)
-    ax.set_xlabel("distractor passages around the gold passage")
-    ax.set_ylabel("best-subspan exact match")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    ax.set_xticks(sorted({r["k"] for n, r in results.items() if n.startswith("curve-")}))
+    return _finish(fig, ax, path, "distractor passages around the gold passage", title)
 
 
 def plot_positions(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> Path:
     """Best-subspan EM against the gold passage's position (the "lost in the middle" curve)."""
     rows = [r for n, r in results.items() if n.startswith("position-")]
     k = rows[0]["k"]
-    index = {"first": 1, "middle": k // 2 + 1, "last": k + 1}
-    rows.sort(key=lambda r: index.get(r["position"], r["position"] + 1 if isinstance(r["position"], int) else 0))
-    xs = [index.get(r["position"], r["position"] + 1 if isinstance(r["position"], int) else 0) for r in rows]
-    ys = [r["best_subspan_em"] for r in rows]
-    err = [[y - r["ci_best_subspan_em"][0] for r, y in zip(rows, ys, strict=True)],
-           [r["ci_best_subspan_em"][1] - y for r, y in zip(rows, ys, strict=True)]]
+    named = {"first": 1, "middle": k // 2 + 1, "last": k + 1}
+
+    def place(r: Mapping[str, Any]) -> int:  # 1-based position of the gold passage
+        return named[r["position"]] if r["position"] in named else int(r["position"]) + 1
+
+    rows.sort(key=place)
+    xs = [place(r) for r in rows]
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"gold among {k} hard distractors")
+    ax.errorbar(xs, [r["best_subspan_em"] for r in rows], yerr=_yerr(rows), marker="o", capsize=3,
+                label=f"gold among {k} hard distractors")
     oracle = results.get("curve-none-0")
     if oracle is not None:
         ax.axhline(oracle["best_subspan_em"], linestyle="--", color="grey", label="gold passage alone")
     ax.set_xticks(xs)
-    ax.set_xlabel(f"position of the gold passage (1 = first of {k + 1})")
-    ax.set_ylabel("best-subspan exact match")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, f"position of the gold passage (1 = first of {k + 1})", title)
 
 
 def plot_attention(att: Mapping[str, Any], path: Path, title: str) -> Path:
@@ -161,6 +161,7 @@ def write_report(out: Path, results: Mapping[str, Mapping[str, Any]], meta: Mapp
     tmp.write_text(json.dumps({"meta": meta, "results": slim}, indent=2, default=str) + "\n")
     os.replace(tmp, out / "results.json")
 
+    reused = any(r.get("reused") for r in results.values())
     md = [f"# How retrieval noise hurts {cfg['model']}", "",
           f"Data: `{Path(cfg['data']).name}`, split sizes train / validation / test = "
           f"{' / '.join(map(str, meta['split_sizes']))}; the first {meta['test_questions']} test questions in every "
@@ -171,8 +172,10 @@ def write_report(out: Path, results: Mapping[str, Mapping[str, Any]], meta: Mapp
           "interval.", "",
           f"Machine: {meta['machine']}. Measuring time, summed over the parts: "
           f"{meta.get('parts_seconds', 0) / 60:.1f} min; this run's wall time {meta['wall_seconds'] / 60:.1f} min"
-          + (" (it reused parts measured earlier)" if any(r.get("reused") for r in results.values()) else "")
-          + (f"; 1-minute load average at the end {meta['load_average']:.1f}" if "load_average" in meta else "")
+          + (" (it reused parts measured earlier)" if reused else "")
+          # the load says something about the times only when this run measured them all
+          + (f"; 1-minute load average at the end {meta['load_average']:.1f}"
+             if "load_average" in meta and not reused else "")
           + ".", "", "## Summary", "", *_summary(results, meta), ""]
     md += ["## Accuracy against the number of distractors", "",
            "| distractors | kind | best-subspan EM % [95% CI] | EM % | F1 % | prompt tokens | s / question |",
