@@ -263,7 +263,7 @@ def _device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
     if eos is None:
@@ -296,6 +296,15 @@ class AnswerLineEnded(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def answer_text(tokenizer: Any, ids: Sequence[int], eos: Sequence[int], first_line: bool = True) -> str:
+    """The answer in generated token ids: up to the first EOS, and with ``first_line`` the first non-blank line."""
+    cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))
+    text = tokenizer.decode(list(ids[:cut]), skip_special_tokens=True)
+    if first_line:
+        text = text.strip().split("\n", 1)[0] if text.strip() else ""
+    return str(text).strip()
+
+
 def generate_answers(
     model: nn.Module,
     tokenizer: Any,
@@ -317,7 +326,7 @@ def generate_answers(
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     pad = _pad_id(tokenizer, eos)
     encoded = [encode_for_training(ex, tokenizer, max_length, fmt=fmt) for ex in examples]
     prompts = [{"input_ids": e.input_ids[: e.prompt_length]} for e in encoded]
@@ -342,11 +351,7 @@ def generate_answers(
                 )
             new = out[:, batch["input_ids"].shape[1]:].tolist()
             for i, ids in zip(idx, new, strict=True):
-                cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))
-                text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
-                if first_line:
-                    text = text.strip().split("\n", 1)[0] if text.strip() else ""
-                texts[i] = text.strip()
+                texts[i] = answer_text(tokenizer, ids, eos, first_line)
     finally:
         model.train(was_training)
     return [(t, e.dropped_distractors) for t, e in zip(texts, encoded, strict=True)]
@@ -589,7 +594,7 @@ def evaluate_perplexity(
         windows += [tids[i:i + limit] for i in range(0, len(tids), limit) if len(tids[i:i + limit]) > 1]
     if not windows:
         raise ValueError("every text is shorter than two tokens: nothing to predict")
-    pad = _pad_id(tokenizer, _eos_ids(model, tokenizer))
+    pad = _pad_id(tokenizer, eos_token_ids(model, tokenizer))
     device = _device(model)
     nll, count = 0.0, 0
     was_training = model.training

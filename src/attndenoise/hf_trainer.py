@@ -113,11 +113,25 @@ class AtomicTrainer(Trainer):
     non-finite loss stops training before the optimiser step (:class:`attndenoise.TrainError`)."""
 
     def __init__(self, *args: Any, method_model: nn.Module | None = None, trainable_only: bool = False,
-                 record: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 record: dict[str, Any] | None = None, frozen: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._method_model = method_model
         self._trainable_only = trainable_only
         self._record = record
+        self._frozen = frozen  # an attndenoise.frozen.FrozenPrefix when batches carry "frozen_hidden"
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        hidden = inputs.pop("frozen_hidden", None)
+        if hidden is None or self._frozen is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The top layers on the captured hidden states, and logits only at the positions the loss reads (the answer
+        # tokens): the model's own loss function gets the labels already shifted, so the value is the full loss's.
+        shifted = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:]
+        keep = (shifted != -100).any(0).nonzero().squeeze(1)
+        inputs = {**inputs, "labels": shifted[:, keep], "shift_labels": shifted[:, keep], "logits_to_keep": keep}
+        with self._frozen.replay(hidden):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -97,7 +97,7 @@ def eager_maps(model: nn.Module) -> Iterator[nn.Module]:
         switch(original)
 
 
-def _masks(n: int, gold_spans: Sequence[Span], context_spans: Sequence[Span] | None, limit: int,
+def span_masks(n: int, gold_spans: Sequence[Span], context_spans: Sequence[Span] | None, limit: int,
            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean key masks (gold, noise) over ``n`` keys; ``limit`` = prompt length (noise never reaches past it)."""
     gold = torch.zeros(n, dtype=torch.bool, device=device)
@@ -144,7 +144,7 @@ def measure_attention(
     if not rows or not all(0 <= r < n for r in rows):
         raise ValueError(f"query positions {rows} must lie in [0, {n})")
     device = next(model.parameters()).device
-    gold_mask, noise_mask = _masks(n, gold_spans, context_spans, plen, device)
+    gold_mask, noise_mask = span_masks(n, gold_spans, context_spans, plen, device)
     row_index = torch.tensor(rows, device=device)
     layers = attention_layers(model)
     gold: dict[int, float] = {}

@@ -146,6 +146,13 @@ class TrainConfig:
             ``method+attn``, the DAA paper's protocol; its baseline is ``none``). Not with ``lora``.
         lm_head: with ``attention``, train ``lm_head`` too (the DAA paper's Llama runs); with tied embeddings that
             is the input embedding matrix.
+        top_layers: change only the top ``k`` decoder layers: the method patches them (unless ``method_options``
+            sets ``layers``, which must then lie in them), ``none`` / ``--attention`` / LoRA train only their
+            projections. The frozen layers below run once per training example, not once per step: their output
+            is captured before training (``attndenoise.frozen``) and cached on disk under the cache folder, keyed by
+            the base model, the split and the tokens, so every run on the same data reuses it; each step then runs
+            the top layers alone and computes logits only where the loss reads them. The papers patch every layer;
+            this is an option for a small compute budget. Not with a tied ``lm_head``.
         lora / lora_rank / lora_alpha / lora_dropout: stack a peft LoRA on the attention projections under the method.
         qlora: LoRA over a 4-bit base (CUDA and bitsandbytes only).
         synthetic_examples: how many synthetic training examples to generate.
@@ -187,6 +194,7 @@ class TrainConfig:
     prompt: str = "auto"
     attention: bool = False
     lm_head: bool = False
+    top_layers: int | None = None
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -220,6 +228,9 @@ class TrainConfig:
         steps_ok = isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1
         if "anneal_steps" not in options and steps_ok and registry.config_class(self.method).uses_lambda_schedule:
             options["anneal_steps"] = self.steps  # the ramp follows the run length (class docstring)
+        top_ok = isinstance(self.top_layers, int) and not isinstance(self.top_layers, bool) and self.top_layers >= 1
+        if top_ok and "layers" not in options:
+            options["layers"] = list(range(-int(self.top_layers), 0))  # type: ignore[arg-type]
         return registry.config_for(self.method, **options)
 
     def validate(self) -> None:
@@ -287,6 +298,9 @@ class TrainConfig:
             for r in self.noise_mix:
                 if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r < 1.0:
                     raise ConfigError(f"noise_mix={self.noise_mix!r}: every ratio must be in [0, 1)")
+        if self.top_layers is not None and (isinstance(self.top_layers, bool) or not isinstance(
+                self.top_layers, int) or self.top_layers < 1):
+            raise ConfigError(f"top_layers={self.top_layers!r}: must be an integer >= 1 (unset: all layers)")
         if self.split is not None and self.split not in ("train", "validation", "test"):
             raise ConfigError(f"split={self.split!r}; choose one of train, validation, test")
         if self.distractors is not None and (isinstance(self.distractors, bool) or not isinstance(
@@ -411,8 +425,14 @@ def _retrieval_examples(config: TrainConfig) -> list[Example]:
     except ValueError as e:
         raise TrainError(f"{path}: {e}") from None
     kind: Any = config.distractor_kind
-    return list(multidoc_examples(chosen, config.distractors or 0, kind, gold_position="random", seed=config.seed,
-                                  pool=PassagePool.from_records(records)))
+    skipped: list[Any] = []
+    out: list[Example] = list(multidoc_examples(chosen, config.distractors or 0, kind, gold_position="random",
+                                                seed=config.seed, pool=PassagePool.from_records(records),
+                                                skipped=skipped))
+    if skipped:
+        warnings.warn(f"{path}: {len(skipped)} question(s) skipped: fewer than {config.distractors} answer-free "
+                      f"distractors (e.g. {skipped[0].question!r}, answers {list(skipped[0].answers)})", stacklevel=2)
+    return out
 
 
 def prompt_format(config: TrainConfig) -> PromptFormat:
@@ -436,8 +456,9 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if k in trainable or f".{_METHOD_SLOT}." in f".{k}"}
 
 
-def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Full name -> module of every attention projection (q/k/v/o, fused qkv, GPT-2's c_attn/c_proj).
+def projection_modules(model: nn.Module, top: int | None = None) -> dict[str, nn.Module]:
+    """Full name -> module of every attention projection (q/k/v/o, fused qkv, GPT-2's c_attn/c_proj); with
+    ``top``, of the last ``top`` attention layers only.
 
     These are the direct linear children of each attention module, so per-head norms (Qwen3's q_norm) and any
     attached method module are not included.
@@ -446,7 +467,8 @@ def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[str, nn.Module] = {}
-    for _, attn in attention_layers(model):
+    layers = attention_layers(model)
+    for _, attn in layers[-top:] if top else layers:
         for child_name, child in attn.named_children():
             if isinstance(child, nn.Linear | Conv1D):
                 out[f"{names[id(attn)]}.{child_name}"] = child
@@ -455,9 +477,10 @@ def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def projection_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Full parameter name -> parameter of the attention projections (weights and biases)."""
-    return {f"{mn}.{pn}": p for mn, m in projection_modules(model).items() for pn, p in m.named_parameters()}
+def projection_parameters(model: nn.Module, top: int | None = None) -> dict[str, nn.Parameter]:
+    """Full parameter name -> parameter of the attention projections (weights and biases), of the last ``top``
+    layers only when given."""
+    return {f"{mn}.{pn}": p for mn, m in projection_modules(model, top).items() for pn, p in m.named_parameters()}
 
 
 def attention_parameters(model: nn.Module, *, lm_head: bool = False) -> dict[str, nn.Parameter]:
@@ -483,7 +506,7 @@ def _lora_config(config: TrainConfig, model: nn.Module) -> Any:
     # Full module names: GPT-2's attention c_proj shares its short name with the MLP's c_proj.
     return LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=sorted(projection_modules(model)), bias="none", task_type="CAUSAL_LM",
+        target_modules=sorted(projection_modules(model, config.top_layers)), bias="none", task_type="CAUSAL_LM",
     )
 
 
@@ -542,7 +565,7 @@ def prepare_model(
     if kind == "none":
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in projection_parameters(model).values():
+        for p in projection_parameters(model, config.top_layers).values():
             p.requires_grad_(True)
         return model, model
     if config.lm_head and kind != "method+attn":
@@ -748,6 +771,7 @@ def train(
     calib = None
     if method_cfg is not None and method_cfg.needs_calibration:
         calib = {k: v for k, v in collate(features[:8], pad_id).items() if k != "labels"}
+    _check_top_layers(config, model)
     train_model, base = prepare_model(model, config, lora_config, calibration_inputs=calib)
     signature = base_signature(base)
     cuda = torch.cuda.is_available()
@@ -764,10 +788,15 @@ def train(
         ddp_find_unused_parameters=config.kind != "none",
     )
     global_batch = config.batch_size * config.grad_accum * args.world_size
-    dataset = _OrderedDataset(features, training_order(len(features), config.steps * global_batch, config.seed))
+    order = training_order(len(features), config.steps * global_batch, config.seed)
+    frozen, hidden = _frozen_prefix(config, base, features, signature, order)
+    if frozen is not None:
+        features = [{**f, "frozen_index": [i]} for i, f in enumerate(features)]
+    dataset = _OrderedDataset(features, order)
     trainer = AtomicTrainer(
         model=train_model, args=args, train_dataset=dataset,
-        data_collator=lambda batch: collate(batch, pad_id),
+        data_collator=(lambda batch: collate(batch, pad_id)) if frozen is None else _HiddenCollator(hidden, pad_id),
+        frozen=frozen,
         callbacks=[LambdaCallback(), LambdaHistory(), *callbacks],
         method_model=base if config.kind == "method+lora" else None,
         trainable_only=config.kind in ("method", "method+attn", "none"),
@@ -807,6 +836,7 @@ def train(
         "world_size": args.world_size,
         "global_batch": global_batch,
         "examples": len(features),
+        "trainable_parameters": sum(p.numel() for p in train_model.parameters() if p.requires_grad),
         "skipped_too_long": len(report.skipped),
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
         "lambda_history": [
@@ -822,23 +852,88 @@ def train(
     run["lora"] = _jsonable(run["lora"])
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
-        _write_outputs(out, config.kind, train_model, base, lm_head=config.lm_head)
+        _write_outputs(out, config.kind, train_model, base, lm_head=config.lm_head, top=config.top_layers)
         _atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out_dir=out, run=run, model=train_model, main_process=trainer.is_world_process_zero())
+
+
+class _HiddenCollator:
+    """Pads a batch (right padding) and adds the captured hidden states of its examples as ``frozen_hidden``."""
+
+    def __init__(self, hidden: list[torch.Tensor], pad_id: int) -> None:
+        self.hidden, self.pad_id = hidden, pad_id
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        out = collate([{k: v for k, v in f.items() if k != "frozen_index"} for f in batch], self.pad_id)
+        rows = [self.hidden[f["frozen_index"][0]] for f in batch]
+        h = rows[0].new_zeros(len(rows), out["input_ids"].shape[1], rows[0].shape[-1])
+        for i, r in enumerate(rows):
+            h[i, : r.shape[0]] = r
+        out["frozen_hidden"] = h
+        return out
+
+
+def _check_top_layers(config: TrainConfig, model: nn.Module) -> None:
+    """``top_layers`` against the stock model, before anything is patched or made trainable: the range, a method
+    whose ``layers`` reach below the split, and ``lm_head`` tied to the (frozen) input embeddings."""
+    if config.top_layers is None:
+        return
+    from .frozen import FrozenPrefix, FrozenPrefixError, decoder_layers
+
+    try:
+        split = FrozenPrefix.top(model, config.top_layers)
+    except FrozenPrefixError as e:
+        raise TrainError(str(e)) from None
+    cfg = config.method_config()
+    if cfg is not None:
+        chosen = cfg.select_layers(len(decoder_layers(model)))
+        if min(chosen) < split.first:
+            raise TrainError(f"top_layers={config.top_layers} freezes the layers below {split.first}, but the method "
+                             f"patches layer {min(chosen)}; drop the method's 'layers' option or raise top_layers")
+    if config.lm_head:
+        head: Any = getattr(model, "get_output_embeddings", lambda: None)()
+        emb: Any = getattr(model, "get_input_embeddings", lambda: None)()
+        if head is not None and emb is not None and head.weight is emb.weight:
+            raise TrainError("--lm-head with --top-layers: this model ties lm_head to its input embeddings, which "
+                             "the frozen layers read; drop --lm-head or --top-layers")
+
+
+def _frozen_prefix(
+    config: TrainConfig, base: nn.Module, features: list[dict[str, list[int]]], signature: dict[str, Any],
+    used: Sequence[int],
+) -> tuple[Any, list[torch.Tensor]]:
+    """With ``top_layers``: the split of ``base`` and the hidden states entering the top layers of the examples
+    the run reads (``used``), read from the cache folder or captured once (one no-grad forward of the lower layers
+    per example; examples the run never reads are not captured)."""
+    if config.top_layers is None:
+        return None, []
+    from .frozen import FrozenPrefix, FrozenPrefixError, cached_hidden
+
+    try:
+        split = FrozenPrefix.top(base, config.top_layers)
+        split.check_frozen()
+    except FrozenPrefixError as e:
+        raise TrainError(str(e)) from None
+    hidden = cached_hidden(split, [features[i]["input_ids"] for i in sorted(set(used))], signature,
+                           progress=config.progress)
+    by_index = dict(zip(sorted(set(used)), hidden, strict=True))
+    out: list[torch.Tensor] = [by_index.get(i, torch.empty(0)) for i in range(len(features))]
+    return split, out
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def _write_outputs(out: Path, kind: str, train_model: nn.Module, base: nn.Module, lm_head: bool = False) -> None:
+def _write_outputs(out: Path, kind: str, train_model: nn.Module, base: nn.Module, lm_head: bool = False,
+                   top: int | None = None) -> None:
     if kind in ("method", "method+attn", "method+lora"):
         save(base, out)
     if kind in ("lora", "method+lora"):
         _replace_dir(lambda d: train_model.save_pretrained(str(d)), out / LORA_DIR)  # type: ignore[operator]
     if kind in ("none", "method+attn"):
-        params = projection_parameters(base) if kind == "none" else attention_parameters(base, lm_head=lm_head)
+        params = projection_parameters(base, top) if kind == "none" else attention_parameters(base, lm_head=lm_head)
         tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PROJECTIONS_FILE}.")
         os.close(fd)
@@ -891,7 +986,8 @@ def load_trained(model: nn.Module, run_dir: str | os.PathLike[str]) -> nn.Module
     if diffs:
         raise AdapterLoadError(f"{d}: the run was trained on another base architecture ({'; '.join(diffs)})")
     if kind == "none":
-        _load_projections(model, d / PROJECTIONS_FILE, projection_parameters(model))
+        top = run.get("config", {}).get("top_layers")
+        _load_projections(model, d / PROJECTIONS_FILE, projection_parameters(model, top))
         return model
     if kind in ("method", "method+attn", "method+lora"):
         load(model, d)

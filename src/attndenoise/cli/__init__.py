@@ -24,7 +24,7 @@ def _root() -> None:
 
 
 # Commands register themselves on `app` when imported; keep this list sorted.
-from . import bench, build_tiny, demo, evaluate, inspect, methods, robustness  # noqa: E402,F401
+from . import bench, build_tiny, demo, evaluate, inspect, methods, robustness, study  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
 
 

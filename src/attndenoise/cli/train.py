@@ -132,6 +132,9 @@ def train_command(
         "--attention", help="Train the patched layers' attention projections (q, k, v, o) together with the method "
         "(the DAA paper's protocol; compare with --method none).")] = False,
     lm_head: Annotated[bool, typer.Option("--lm-head", help="With --attention, train lm_head too.")] = False,
+    top_layers: Annotated[int | None, typer.Option(
+        "--top-layers", help="Patch and train only the top K decoder layers; the frozen layers below run once per "
+        "training example (cached on disk) instead of once per step.")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Stack a LoRA on the attention projections under the "
                                                       "method; both train.")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")] = 8,

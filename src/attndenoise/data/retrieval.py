@@ -583,18 +583,29 @@ def multidoc_examples(
     gold_position: GoldPosition = "random",
     seed: int = 0,
     pool: PassagePool | None = None,
+    skipped: list[MultiDocRecord] | None = None,
 ) -> list[NoisyExample]:
     """``build_multidoc_example`` for every record, with ``num_distractors`` distractors of ``kind`` from ``pool``.
 
     ``pool`` defaults to the gold passages of ``records`` themselves; pass a pool built from the whole file for more
     (and more varied) distractors. Each record draws from its own generator, seeded with ``seed`` and the hash of its
     question, so its example does not depend on the other records, nor on the file's order.
+
+    A record whose answer is in almost every passage (a one-letter answer such as "S": the answer test is a
+    substring test) can have too few answer-free distractors: it raises ``ValueError``, unless a ``skipped`` list
+    is given, which then receives it (training data skips it; an evaluation must not drop questions silently).
     """
     items = list(records)
     pool = pool if pool is not None else PassagePool.from_records(items)
     out = []
     for rec in items:
         rng = random.Random(f"{seed}:{_question_key(rec.question)}")
-        chosen = pool.distractors(rec, num_distractors, kind, rng)
+        try:
+            chosen = pool.distractors(rec, num_distractors, kind, rng)
+        except ValueError:
+            if skipped is None:
+                raise
+            skipped.append(rec)
+            continue
         out.append(build_multidoc_example(rec, chosen, gold_position, rng=rng, distractor_kind=kind))
     return out

@@ -1,0 +1,188 @@
+"""``attndenoise study`` end to end on a tiny random model: the answers it stores (computed with the lower layers'
+cache shared by every model) equal each trained model's own plain ``generate`` on the full prompt; the validation
+score equals the model's own loss; resuming retrains and re-answers nothing; a new row is answered alone; the
+verdict rule on hand-made cases; one-line CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from attndenoise.cli import app
+from attndenoise.data.formatting import encode_for_training
+from attndenoise.data.retrieval import LITM_FORMAT, PassagePool, multidoc_examples, read_multidoc_qa, split_records
+from attndenoise.evaluate import answer_text, eos_token_ids
+from attndenoise.study import StudyConfig, StudyError, parse_row, run_study
+from attndenoise.study_report import verdict
+from attndenoise.train import load_trained
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *sorted(alphabet)])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def nq_file(path: Path, n: int = 60) -> Path:
+    subjects = ["river", "mountain", "castle", "poet", "engine", "island"]
+    lines = []
+    for i in range(n):
+        s = subjects[i % len(subjects)]
+        lines.append(json.dumps({
+            "question": f"which {s} is number {i}", "answers": [f"answer{i}x"],
+            "ctxs": [{"title": f"{s.title()} {i}", "text": f"The {s} number {i} is answer{i}x.", "isgold": True}],
+        }))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def small(tmp: Path, folder: Path, **kw: object) -> StudyConfig:
+    base = dict(data=str(nq_file(tmp / "nq.jsonl")), out=str(tmp / "out"), model=str(folder),
+                rows=("none", "daa+attn", "lora", "opamp+lora"), seeds=(0, 1), top_layers=1, steps=2, n=2,
+                val_n=3, attention_n=1, needle_n=1, max_new_tokens=3, train_distractors=1,
+                lr_grid={"attention": (1e-3, 1e-2), "lora": (1e-3,), "alone": (1e-3,)}, schedules=("paper",),
+                settings=(("k0", 0, "random"), ("k9-middle", 9, "middle"), ("k19", 19, "random")), progress=False)
+    base.update(kw)
+    return StudyConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> tuple[StudyConfig, list[str]]:
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = small(tmp, tiny_folder)
+    logs: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNDENOISE_CACHE", str(tmp / "cache"))
+        run_study(cfg, log=logs.append)
+    return cfg, logs
+
+
+def test_stored_answers_equal_each_models_plain_generate(finished: tuple[StudyConfig, list[str]],
+                                                         tiny_folder: Path) -> None:
+    cfg, _ = finished
+    out = Path(cfg.out)
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    records = read_multidoc_qa(Path(cfg.data))
+    test = split_records(records, "test")[: cfg.n]
+    pool = PassagePool.from_records(records)
+    checked = 0
+    for key in ("base", "none@0", "daa+attn@1", "lora@0", "opamp+lora@1"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+        if key != "base":
+            label, seed = key.split("@")
+            lr = json.loads((out / "selection.json").read_text())["learning_rate"][parse_row(label).protocol]
+            run = next(p for p in (out / "runs").iterdir() if p.name.startswith(f"{label}-s{seed}-lr{lr:g}"))
+            model = load_trained(model, run)  # unmerged LoRA: the study merges; answers must still agree
+        eos = eos_token_ids(model, tok)
+        for name, k, position in cfg.settings:
+            for ex in multidoc_examples(test, k, "hard" if k else "random", gold_position=position, seed=0, pool=pool):
+                enc = encode_for_training(ex, tok, fmt=LITM_FORMAT)
+                prompt = torch.tensor([enc.input_ids[: enc.prompt_length]])
+                with torch.no_grad():
+                    gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                         max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=2)
+                want = answer_text(tok, gen[0, prompt.shape[1]:].tolist(), eos)
+                saved = json.loads(_file_for(out, name, ex.question).read_text())
+                assert saved["answers"][key]["prediction"] == want, (key, name)
+                checked += 1
+    assert checked == 5 * len(cfg.settings) * cfg.n
+
+
+def _file_for(out: Path, setting: str, question: str) -> Path:
+    import hashlib
+
+    return out / "eval" / setting / f"{hashlib.sha256(question.encode()).hexdigest()[:16]}.json"
+
+
+def test_validation_score_is_the_models_own_answer_loss(finished: tuple[StudyConfig, list[str]],
+                                                        tiny_folder: Path) -> None:
+    cfg, _ = finished
+    sel = json.loads((Path(cfg.out) / "selection.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    records = read_multidoc_qa(Path(cfg.data))
+    val = split_records(records, "validation")[: cfg.val_n]
+    exs = multidoc_examples(val, cfg.train_distractors, "hard", "random", seed=0,
+                            pool=PassagePool.from_records(records))
+    total, count = 0.0, 0
+    for ex in exs:
+        enc = encode_for_training(ex, tok, cfg.max_length, fmt=LITM_FORMAT)
+        labels = torch.tensor([enc.labels])
+        with torch.no_grad():  # the stock full forward and its own loss: mean over the answer tokens
+            loss = model(input_ids=torch.tensor([enc.input_ids]), labels=labels).loss
+        n = int((labels[0, 1:] != -100).sum())
+        total, count = total + float(loss) * n, count + n
+    assert sel["scores"]["base"] == pytest.approx(total / count, rel=1e-5)
+    # the chosen learning rate of a protocol is its baseline's best on validation
+    att = {float(k.split("-lr")[1]): v for k, v in sel["scores"].items() if k.startswith("none-s0-lr")}
+    assert sel["learning_rate"]["attention"] == min(att, key=att.get)
+
+
+def test_resume_trains_and_answers_nothing_new_and_a_new_row_is_answered_alone(
+        finished: tuple[StudyConfig, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, first_logs = finished
+    assert any(m.startswith("training ") for m in first_logs)
+    monkeypatch.setenv("ATTNDENOISE_CACHE", str(Path(cfg.out).parent / "cache"))
+    out = Path(cfg.out)
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "eval").rglob("*.json")}
+    logs: list[str] = []
+    run_study(cfg, log=logs.append)
+    assert not [m for m in logs if m.startswith("training ")]
+    assert {p: p.stat().st_mtime_ns for p in (out / "eval").rglob("*.json")} == stamp
+    grown = StudyConfig(**{**cfg.__dict__, "rows": (*cfg.rows, "dint+attn"), "seeds": (0,)})
+    logs = []
+    run_study(grown, log=logs.append)
+    assert [m for m in logs if m.startswith("training ")] == [
+        m for m in logs if m.startswith("training dint+attn-s0")]
+    saved = json.loads(next((out / "eval" / "k0").glob("*.json")).read_text())["answers"]
+    assert "dint+attn@0" in saved and "daa+attn@1" in saved
+    report = (out / "report.md").read_text()
+    assert "dint+attn" in report and "Protocol `attention`" in report and "Protocol `lora`" in report
+
+
+def test_parse_row_and_errors() -> None:
+    assert parse_row("daa+attn").baseline == "none" and parse_row("daa+attn").protocol == "attention"
+    assert parse_row("opamp+lora").baseline == "lora"
+    assert parse_row("dint").baseline == "lora~dint" and parse_row("lora~dint").matched == "dint"
+    for bad in ("sra+attn", "daa+x", "nope", "lora~sra"):
+        with pytest.raises(StudyError, match="accepted"):
+            parse_row(bad)
+
+
+def test_verdict_hand_cases() -> None:
+    assert verdict([30.0, 32.0], [20.0, 25.0]).startswith("better, +8.5")
+    assert verdict([10.0, 12.0], [20.0, 25.0]).startswith("worse")
+    assert verdict([22.0, 30.0], [20.0, 25.0]).startswith("within the seed spread")
+    assert "one seed" in verdict([30.0], [20.0])
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    data = nq_file(tmp_path / "nq.jsonl")
+    r = runner.invoke(app, ["study", "--data", str(data), "--model", "tiny", "--rows", "daa+bogus",
+                            "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "unknown row 'daa+bogus'" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["study", "--data", str(tmp_path / "missing.jsonl"), "--model", "tiny"])
+    assert r.exit_code == 2 and "no such file" in r.output
+    r = runner.invoke(app, ["study", "--data", str(data), "--model", "tiny", "--seeds", "x"])
+    assert r.exit_code == 2
+    assert not (tmp_path / "o").exists()
