@@ -1,4 +1,4 @@
-"""Prefill benchmark of Scaled ReAttention (SPEC 8): time and peak memory, SRA vs stock vs a full-map SRA.
+"""Prefill benchmark of Scaled ReAttention (docs/methods.md, section SRA): time and peak memory, SRA vs stock vs a full-map SRA.
 
 * ``stock``: the stock model (SDPA);
 * ``sra``: attndenoise's SRA (fused SDPA for every row, explicit probabilities only for the edited row blocks, in

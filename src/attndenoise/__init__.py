@@ -4,7 +4,8 @@ Public API (see README.md): ``METHODS``, ``config_for``, ``apply``, ``remove``, 
 ``save_pretrained`` / ``from_pretrained`` (whole patched models), ``push_to_hub``, ``set_trainable``,
 ``step``, ``LambdaCallback``, ``reference_mode``, ``disabled``, ``trainable_parameters`` /
 ``print_trainable_parameters``, ``train``, ``TrainConfig``, ``load_trained``,
-``evaluate_model`` (and the per-task ``evaluate_*``), ``dataset_attention`` (SPEC 9 measures); the command line is
+``evaluate_model`` (and the per-task ``evaluate_*``), ``dataset_attention`` (attention to gold and noise per layer:
+docs/methods.md, section Attention measures); the command line is
 :mod:`attndenoise.cli`, the demo :mod:`attndenoise.demo`.
 """
 

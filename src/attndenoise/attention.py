@@ -1,4 +1,4 @@
-"""The shared attention core (SPEC section 0).
+"""The shared attention core (docs/methods.md, section Shared rules).
 
 Fast path: fused ``scaled_dot_product_attention`` calls, GQA without repeating K/V (``enable_gqa``), combination of
 the per-map outputs in float32 (``(a A1 + b A2) V = a O1 + b O2``); no N x N matrix is ever built here.
@@ -36,13 +36,14 @@ def top_left_causal(nq: int, nk: int, device: torch.device) -> torch.Tensor:
 def resolve_mask(
     mask: torch.Tensor | None, nq: int, nk: int, causal: bool, device: torch.device
 ) -> tuple[torch.Tensor | None, bool]:
-    """Return ``(mask, is_causal)`` for SDPA, matching transformers' stock sdpa rules (SPEC 0.4).
+    """Return ``(mask, is_causal)`` for SDPA, matching transformers' stock sdpa rules (docs/methods.md, section
+    Masking).
 
     transformers passes ``mask=None`` when there is no padding and ``nq == nk`` or ``nq == 1`` (nothing to mask),
     and also at the prefill of a *static* cache, where ``nk`` is the cache's full length and the keys past the
     prompt are empty slots. Stock sdpa then uses SDPA's ``is_causal`` (top-left: query i sees keys j <= i), which
     is right in every one of these cases, so do the same; a bottom-right alignment would let the last queries see
-    the empty slots (measured: logits off by 0.05-0.6 against the dynamic cache before this rule).
+    the empty slots (docs/decisions.md, section attention.py).
     """
     if mask is not None:
         if mask.dtype == torch.bool and mask.shape[-1] != nk:
@@ -84,11 +85,8 @@ def sdpa(
     return out
 
 
-#: devices on which :func:`sdpa_shared_kv` issues ONE call with ``m*h`` query heads by default. On CPU (torch 2.13,
-#: tiny Llama, 1 thread, measured 2026-11-26) separate calls were both faster and lighter: a DAA training step at
-#: 4096 tokens took 3.63 s with two calls vs 3.95 s with one (stock 2.29 s) and peaked at 489 vs 584 MiB above the
-#: step's start (stock 378 MiB); decoding was equal or slightly faster (1.44 vs 1.44 x stock at 2048 tokens of
-#: context, 1.52 vs 1.58 x at 512). On CUDA one larger launch is the SPEC's suggestion; it has not been measured here.
+#: devices on which :func:`sdpa_shared_kv` issues ONE call with ``m*h`` query heads by default; on CPU separate calls
+#: measured faster and lighter (docs/decisions.md, section attention.py).
 ONE_CALL_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 
@@ -103,9 +101,9 @@ def sdpa_shared_kv(
     causal: bool = True,
     one_call: bool | None = None,
 ) -> list[torch.Tensor]:
-    """Several query sets against the same K/V: ``[softmax(s Q_j K^T) V for Q_j in queries]``, fused (SPEC 0).
+    """Several query sets against the same K/V: ``[softmax(s Q_j K^T) V for Q_j in queries]``, fused.
 
-    ``one_call=True`` issues ONE fused call with ``m*h`` query heads ("one call with 2h query heads"): the query sets
+    ``one_call=True`` issues ONE fused call with ``m*h`` query heads (``2h`` for two query sets): the query sets
     are interleaved per key/value group so that GQA still maps every query head to its own kv head without
     repeating K/V: (B, Hkv, m, g, N, D) -> (B, m*H, N, D). ``one_call=False`` issues one fused call per query set.
     ``None`` picks by device (:data:`ONE_CALL_DEVICES`). Both compute the same values.
@@ -146,7 +144,7 @@ def probs(
     if m is not None:
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
     p = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(p, nan=0.0)  # rows with no visible key: zeros (SPEC 0.4)
+    return torch.nan_to_num(p, nan=0.0)  # rows with no visible key: zeros (docs/methods.md, section Masking)
 
 
 def apply_probs(p: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
@@ -167,7 +165,7 @@ def per_head(c: Coef, like: torch.Tensor) -> torch.Tensor | float:
 
 
 def combine(terms: Sequence[tuple[Coef, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """``sum_j c_j O_j`` in float32, cast back once (SPEC 0.3)."""
+    """``sum_j c_j O_j`` in float32, cast back once (docs/methods.md, section Float32 combination)."""
     acc: torch.Tensor | None = None
     for c, o in terms:
         t = per_head(c, o) * o.float()

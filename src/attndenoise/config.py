@@ -1,7 +1,7 @@
 """Method configurations: the common fields every method shares, validated at construction.
 
-Each method file defines a dataclass that subclasses :class:`MethodConfig` and adds its own options
-(SPEC sections 1-8). Configs are plain data: they serialise to ``attndenoise_config.json`` and back.
+Each method file defines a dataclass that subclasses :class:`MethodConfig` and adds its own options (docs/methods.md
+has one section per method). Configs are plain data: they serialise to ``attndenoise_config.json`` and back.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ class MethodConfig:
     Attributes:
         layers: which attention layers get the method: ``"all"``, a list of layer indices (negative indices count
             from the end), or ``"every:N"`` (layers 0, N, 2N, ...) / ``"every:N:OFFSET"``.
-        anneal_steps: ``T`` of the lambda schedule (SPEC section 1); ``0`` means lambda equals the learned lambda
-            from the first step.
-        lambda_init: the constant of the schedule (SPEC 1), a float or ``"depth"`` for ``0.8 - 0.6 exp(-0.3 l)``.
-        lambda_schedule: ``"paper"`` is DAA eq. 3 taken literally (it peaks at ``lambda_init / 4`` at ``T/2``);
-            ``"linear"`` is ``min(1, t/T) * lambda_init + lambda_learn``.
+        anneal_steps: ``T`` of the lambda schedule (docs/methods.md, section Lambda schedule); ``0`` means lambda
+            equals the learned lambda from the first step.
+        lambda_init: the constant of the schedule, a float or ``"depth"`` for ``0.8 - 0.6 exp(-0.3 l)``.
+        lambda_schedule: ``"paper"`` is eq. 3 of the DAA paper taken literally (it peaks at ``lambda_init / 4`` at
+            ``T/2``); ``"linear"`` is ``min(1, t/T) * lambda_init + lambda_learn``.
         lambda_granularity: one learned lambda per query head (``"head"``) or per layer (``"layer"``).
     """
 
@@ -115,7 +115,7 @@ class MethodConfig:
         return sorted(set(out))
 
     def lambda_init_for(self, layer: int) -> float:
-        """The schedule constant for ``layer`` (SPEC 1; ``"depth"`` is the DIFF depth rule)."""
+        """The schedule constant for ``layer`` (``"depth"`` is the Differential Transformer's depth rule)."""
         if self.lambda_init == "depth":
             return 0.8 - 0.6 * math.exp(-0.3 * layer)
         return float(self.lambda_init)

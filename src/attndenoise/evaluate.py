@@ -1,6 +1,6 @@
 """Evaluation of a model in memory (stock, patched, fine-tuned: nothing here depends on how it was trained).
 
-Three tasks (issue 7):
+Three tasks:
 
 * **noisy-context QA** (:func:`evaluate_noisy_qa`): each held-out question is shown with its gold document among
   ``round(1 / (1 - r)) - 1`` distractors for every noise ratio ``r`` (default 0, 0.5, 0.8, 0.9). Examples and
@@ -456,7 +456,7 @@ def evaluate_noisy_qa(
     fmt: PromptFormat = DEFAULT_FORMAT,
     progress: ProgressArg = False,
 ) -> list[QAResult]:
-    """Noisy-context QA accuracy at each noise ratio (module docstring; SPEC "noisy-context" setting of issue 7).
+    """Noisy-context QA accuracy at each noise ratio (module docstring).
 
     For each ratio the distractors are drawn by ``noisy_examples(raw, ratio, seed=seed)`` (the example's own
     distractors first, then other examples' documents), so any two models evaluated with the same ``seed`` and data

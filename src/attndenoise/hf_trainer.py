@@ -1,4 +1,5 @@
-"""The pieces of a training run that subclass ``transformers.Trainer`` and its callbacks (SPEC 1, 0.7).
+"""The pieces of a training run that subclass ``transformers.Trainer`` and its callbacks (the lambda schedule
+in step with the Trainer: docs/methods.md, section Lambda schedule).
 
 Kept apart from :mod:`attndenoise.train` and :mod:`attndenoise.schedule` because importing the Trainer pulls in
 peft, accelerate and datasets (seconds): ``import attndenoise`` and applying a method never pay for it, a training

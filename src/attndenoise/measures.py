@@ -1,6 +1,6 @@
-"""Attention measures (SPEC section 9): attention to gold and attention noise, per layer.
+"""Attention measures (docs/methods.md, section Attention measures): attention to gold and attention noise, per layer.
 
-Definitions (SPEC 9, made exact here):
+Definitions (made exact here):
 
 * **The map.** In every layer, the map the layer *effectively* applies to the values: the method's combined map on
   the eager reference path (``A1 - lambda A2`` for DAA / DiffQ / DiffK / DEX / DIFF, the DINT / OpAmp / SRA map for
@@ -45,7 +45,7 @@ Span = tuple[int, int]
 
 @dataclass
 class AttentionMeasures:
-    """Per-layer attention to gold and attention noise (SPEC 9), averaged over heads, query positions and the ``n``
+    """Per-layer attention to gold and attention noise, averaged over heads, query positions and the ``n``
     examples measured. ``layers[i]`` is the layer index of ``gold[i]`` / ``noise[i]`` (every attention layer)."""
 
     gold: list[float]
@@ -126,7 +126,7 @@ def measure_attention(
     prompt_length: int | None = None,
     keep_maps: Sequence[int] = (),
 ) -> tuple[AttentionMeasures, dict[int, torch.Tensor]]:
-    """SPEC 9 measures of one unpadded sequence (module docstring has the definitions).
+    """The attention measures of one unpadded sequence (module docstring has the definitions).
 
     ``context_spans``: token ranges of every context document (gold included); ``None`` = every key before
     ``prompt_length`` is context. ``query_positions`` default to the last prompt position (``prompt_length - 1``,
@@ -203,8 +203,9 @@ def example_attention(
     fmt: PromptFormat = DEFAULT_FORMAT,
     keep_maps: Sequence[int] = (),
 ) -> tuple[AttentionMeasures, dict[int, torch.Tensor], EncodedExample]:
-    """SPEC 9 measures of one example, encoded as for training (so the gold span is known) -> ``(measures, kept maps,
-    encoding)``. With ``query="last"`` only the prompt is run; with ``"answer"`` the gold completion too."""
+    """The attention measures of one example, encoded as for training (so the gold span is known) ->
+    ``(measures, kept maps, encoding)``. With ``query="last"`` only the prompt is run; with ``"answer"`` the gold
+    completion too."""
     enc = example if isinstance(example, EncodedExample) else encode_for_training(example, tokenizer, max_length,
                                                                                    fmt=fmt)
     if not enc.gold_spans:
@@ -226,7 +227,7 @@ def dataset_attention(
     max_length: int | None = None,
     fmt: PromptFormat = DEFAULT_FORMAT,
 ) -> AttentionMeasures:
-    """SPEC 9 measures averaged over ``examples`` (each run alone, unpadded: padding would shift no measure, but
+    """The attention measures averaged over ``examples`` (each run alone, unpadded: padding would shift no measure, but
     one sequence at a time keeps the eager maps small)."""
     if not examples:
         raise ValueError("no examples to measure")

@@ -191,7 +191,8 @@ def load_opamp_checkpoint(
     path: str | os.PathLike[str], *, cache_adapted_keys: bool = True, **from_pretrained_kwargs: Any
 ) -> PreTrainedModel:
     """A stock ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` with our OpAmp applied, computing what the authors'
-    ``modeling_opampllama.py`` / ``modeling_opampqwen.py`` compute for the checkpoint in ``path`` (SPEC 6).
+    ``modeling_opampllama.py`` / ``modeling_opampqwen.py`` compute for the checkpoint in ``path`` (docs/methods.md,
+    section OpAmp).
 
     ``from_pretrained_kwargs`` go to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...; not
     ``config``). ``cache_adapted_keys`` is the benchmark-only switch of :class:`OpAmpConfig`. The result is an

@@ -1,15 +1,15 @@
 """Model surgery: attach method modules to attention layers and route attention through them.
 
-How it hooks into transformers (measured facts in shared NOTES-transformers.md):
+How it hooks into transformers (the measured facts it relies on: docs/decisions.md, section patch.py):
 
 * Attention is routed through ``AttentionInterface`` under the name ``"attndenoise"``; the same name is registered
   in ``AttentionMaskInterface`` with ``sdpa_mask`` so padding and sliding windows still reach us (without it the mask
   silently becomes ``None``). Layers without a method fall back to the implementation the model had before.
 * A forward pre-hook on each patched attention module records the layer input and rotary ``(cos, sin)`` and lets the
-  method prepare per-token quantities. When the method caches something extra per key (SPEC 0.6), the hook hands
-  the family's forward a thin proxy of the KV cache whose ``update`` first turns the new keys/values into the
-  method's stored form. The extras then live inside the ordinary cache, so cropping, beam reordering and sliding
-  windows treat them exactly like the keys they belong to.
+  method prepare per-token quantities. When the method caches something extra per key (docs/methods.md, section
+  Caching), the hook hands the family's forward a thin proxy of the KV cache whose ``update`` first turns the new
+  keys/values into the method's stored form. The extras then live inside the ordinary cache, so cropping, beam
+  reordering and sliding windows treat them exactly like the keys they belong to.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def require_state(model: nn.Module) -> PatchState:
 
 
 def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
-    """Attach ``config``'s method to the chosen layers of ``model`` (SPEC 0).
+    """Attach ``config``'s method to the chosen layers of ``model`` (docs/methods.md, section Shared rules).
 
     Base parameters are frozen and the method's parameters are trainable; peft adapter parameters (a LoRA applied
     before) keep their ``requires_grad``, so method and LoRA train together. ``model`` may be wrapped (PeftModel,
@@ -318,7 +318,7 @@ def _detach(model: nn.Module, restore_grad: bool) -> PatchState:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Take the method off: the model computes exactly what the stock model computed (SPEC 0)."""
+    """Take the method off: the model computes exactly what the stock model computed."""
     _detach(model, restore_grad=True)
     return model
 
@@ -403,7 +403,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block patched layers build explicit maps (the eager reference path) and return the method's
-    effective combined map as attention weights (``output_attentions``, plots, SPEC 9 measures)."""
+    effective combined map as attention weights (``output_attentions``, plots, attention measures)."""
     layers = [a for _, a in attention_layers(unwrap(model))]
     for a in layers:
         setattr(a, "_ad_eager", True)  # noqa: B010

@@ -1,8 +1,9 @@
-"""The lambda schedule (SPEC section 1) and how to advance it (the Trainer callback is in ``hf_trainer``).
+"""The lambda schedule and how to advance it (the Trainer callback is in ``hf_trainer``).
 
-``lambda(t) = (1 - alpha) * (t / T) * lambda_init + alpha * lambda_learn``, ``alpha = min(1, t / T)`` (DAA eq. 3).
+``lambda(t) = (1 - alpha) * (t / T) * lambda_init + alpha * lambda_learn``, ``alpha = min(1, t / T)`` (eq. 3 of the
+DAA paper; docs/methods.md, section Lambda schedule).
 The step ``t`` is a persistent buffer of every :class:`LambdaSchedule`, so it is saved with the adapter and a
-reloaded adapter computes what it computed when saved (SPEC 0.7).
+reloaded adapter computes what it computed when saved.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ class LambdaSchedule(nn.Module):
         num: 1 (one lambda for the layer) or the number of query heads (one per head).
         lambda_init: the schedule constant of this layer.
         anneal_steps: ``T``; 0 means ``lambda = lambda_learn`` from the first step.
-        kind: ``"paper"`` (DAA eq. 3, literal) or ``"linear"`` (``min(1, t/T) lambda_init + lambda_learn``).
+        kind: ``"paper"`` (eq. 3 of the DAA paper, literal) or ``"linear"``
+            (``min(1, t/T) lambda_init + lambda_learn``).
     """
 
     step: torch.Tensor
 
     def __init__(self, num: int, lambda_init: float, anneal_steps: int, kind: str = "paper") -> None:
         super().__init__()
-        # The papers initialise lambda_learn "around zero"; exactly zero keeps identity at t = 0 (SPEC 0.1).
+        # The papers initialise lambda_learn "around zero"; exactly zero keeps identity at t = 0.
         self.lambda_learn = nn.Parameter(torch.zeros(num))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.lambda_init = float(lambda_init)

@@ -2,10 +2,10 @@
 
 Nothing can be downloaded where this runs, so the tool builds its own base model: a word-level tokenizer over the
 synthetic vocabulary and a Llama-architecture model pretrained (seeded; bit-identical on the same machine and thread
-count; about 4.5 minutes on two CPU threads) on an induction drill first, then a mix of plain documents,
-noisy-context QA with 0-1 distractors, the drill, and passkey retrieval. It is meant to answer well from the gold
-document alone, to look documents up by the full name, and to be hurt by many similarly named distractors, so that
-denoising methods have room to help. The result is an ordinary checkpoint directory::
+count; a few minutes on a CPU, timings in docs/decisions.md, section tiny.py) on an induction drill first, then a mix
+of plain documents, noisy-context QA with 0-1 distractors, the drill, and passkey retrieval. It is meant to answer
+well from the gold document alone, to look documents up by the full name, and to be hurt by many similarly named
+distractors, so that denoising methods have room to help. The result is an ordinary checkpoint directory::
 
     path = tiny_model_path()          # the shipped model (other settings: built on first use, then cached)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -64,26 +64,8 @@ class TinyConfig:
     ``SyntheticQA``). The loss is averaged per sequence so that long sequences do not drown the answers.
     """
 
+    # How the defaults were chosen, with the scores of the alternatives tried: docs/decisions.md, section tiny.py.
     hidden_size: int = 128
-    # How the defaults were chosen (EM of greedy answers to 200 validation questions, SyntheticQA(100, "val"), at
-    # noise 0 / 0.5 / 0.8 / 0.9; never the report's test questions):
-    # * Version 1 (4 layers, lr 3e-3, no repeat drill, one-sentence documents, 1600 steps) answered every noise-free
-    #   question but picked a document at chance once there were others (1.0 / 0.53 / 0.19 / 0.10), even when no
-    #   distractor shared a name part: it had no copying circuit at all (a repeated random word string was predicted
-    #   ~1% of the time). QA and passkey data alone never grew one (800 steps of QA with 3 distractors: EM 0.05).
-    # * A pure stream of the repeat drill grows induction in ~600-800 steps at lr 1e-3 (2 layers fastest and
-    #   smoothest; 4 layers at lr 3e-3 did not settle in 1200 steps), so the drill comes first (``induction_steps``)
-    #   and stays in the mixture.
-    # * With it, documents written one fact per sentence ("Kalo Dremet lives in Varnok."), 2 layers and 2000 steps,
-    #   the model looks documents up by the full name: 1.0 / 0.995 / 0.92 / 0.0 with passkeys up to 160 tokens and
-    #   up to 6 plain documents, where noise 0.9 (about 215 tokens) fails by running past the positions it was
-    #   trained on. Longer passkeys (320), plain texts (12 documents) and repeats (96 words) remove that failure:
-    #   1.0 / 0.995 / 0.985 / 0.63, the errors at 0.9 being values of the asked kind taken from similarly named
-    #   distractors (the noise this tool is about), and needle retrieval is exact up to 256 tokens. 4 layers with
-    #   the same data: 1.0 / 1.0 / 0.475 / 0.0. That build takes ~450 s on one thread, ~275 s on two.
-    # * QA distractors in pretraining are what teach the lookup: with none (distractor_weights (1.0,)) the model is
-    #   back at chance (1.0 / 0.56 / 0.195 / 0.06); with fewer ((0.85, 0.15)) it is a little more fragile (1.0 /
-    #   0.995 / 0.95 / 0.54).
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
@@ -261,7 +243,7 @@ class _Mixture:
         if u < c.mix_qa + c.mix_repeat + c.mix_passkey:
             # Every token is a target. The filler is a fixed cycle of five sentences (learnt as plain text); the pass
             # key, stated twice before the question, is the part only copying predicts. It is too sparse to grow
-            # copying heads on its own (version 1 never did, see TinyConfig): the repeat drill does that.
+            # copying heads on its own (docs/decisions.md, section tiny.py): the repeat drill does that.
             length = r.randint(c.passkey_min_len, c.passkey_max_len)
             ex = SyntheticQA.needle(length, r.random(), seed=r.randrange(2**31))
             feats = encode_for_training(ex, self.tokenizer).features()
@@ -282,9 +264,8 @@ class _Mixture:
     def repeat(self) -> dict[str, list[int]]:
         """Induction drill: a random word string, then the same string again. Only the repeat is predictable, and
         only by finding the earlier occurrence of the current word and copying its successor: the match-and-copy
-        circuit that document lookup is built from. Measured here: the version-1 mixture (QA, passkeys, plain text)
-        never grew it in 1600 steps (a repeat was predicted ~1% of the time); a pure stream of this drill grows it in
-        ~600-800 steps."""
+        circuit that document lookup is built from. Why it comes first and stays in the mixture: docs/decisions.md,
+        section tiny.py."""
         c, r = self.config, self.rng
         n = r.randint(c.repeat_min_len, c.repeat_max_len)
         seq = [r.choice(self.words) for _ in range(n)]

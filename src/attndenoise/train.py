@@ -599,8 +599,8 @@ def prepare_model(
     lora_config = lora_config or _lora_config(config, model)
     method_params = [p for p in model.parameters() if p.requires_grad] if kind == "method+lora" else []
     peft_model = get_peft_model(model, lora_config)
-    # peft freezes everything but the LoRA matrices; the method's parameters train beside them (NOTES: keeping
-    # them trainable works; they are saved separately in the attndenoise format, not by peft).
+    # peft freezes everything but the LoRA matrices; the method's parameters train beside them (measured with peft
+    # 0.21: keeping them trainable works; they are saved separately in the attndenoise format, not by peft).
     for p in method_params:
         p.requires_grad_(True)
     return peft_model, model

@@ -1,4 +1,5 @@
-"""``attndenoise inspect``: attention-to-gold numbers of one example per layer and its attention heatmap (SPEC 9)."""
+"""``attndenoise inspect``: attention-to-gold numbers of one example per layer and its attention heatmap
+(docs/methods.md, section Attention measures)."""
 
 from __future__ import annotations
 

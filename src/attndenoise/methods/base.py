@@ -1,11 +1,11 @@
-"""What a method supplies to the shared machinery (DESIGN: "a method supplies what differs, the core does the rest").
+"""What a method supplies to the shared machinery: what differs between methods; the core does the rest.
 
 A method is an ``nn.Module`` attached to one attention layer (as ``attn.attndenoise``). The patch machinery calls:
 
 1. :meth:`MethodModule.prepare` before the family's own attention forward, with the layer input and the rotary
    ``(cos, sin)`` (for methods that form a second query/key from the layer input);
 2. :meth:`MethodModule.store` on the *new* keys/values, before they enter the KV cache (for methods that cache
-   something extra per key, SPEC 0.6, or change V);
+   something extra per key or change V; docs/methods.md, section Caching);
 3. :meth:`MethodModule.attend` with the query and the whole (cached) stored keys/values, instead of the stock
    attention function.
 """
@@ -50,7 +50,8 @@ class LayerContext:
 
 @dataclass
 class Call:
-    """Arguments of one attention call, with the fast/eager switch (SPEC 0.2) applied uniformly."""
+    """Arguments of one attention call, with the fast/eager switch applied uniformly (docs/methods.md, section
+    Fused fast path)."""
 
     mask: torch.Tensor | None
     scaling: float | None
@@ -85,8 +86,8 @@ class MethodModule(nn.Module):
         self.info = info
 
     def make_lambda(self, heads: int | None = None) -> LambdaSchedule:
-        """The SPEC 1 schedule with this config's granularity and this layer's ``lambda_init``; ``heads`` is the
-        number of per-head values (default: query heads)."""
+        """The lambda schedule (docs/methods.md, section Lambda schedule) with this config's granularity and this
+        layer's ``lambda_init``; ``heads`` is the number of per-head values (default: query heads)."""
         c = self.config
         num = (heads or self.info.geometry.num_heads) if c.lambda_granularity == "head" else 1
         return LambdaSchedule(num, c.lambda_init_for(self.info.index), c.anneal_steps, c.lambda_schedule)

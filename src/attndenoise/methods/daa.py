@@ -1,4 +1,7 @@
-"""DAA, Differential Attention Adaption (SPEC section 2; seed 002, section 3.2).
+"""DAA, Differential Attention Adaption: a per-head query transform and the difference of two maps.
+
+Paper: "Revisiting Differential Attention: A Fine-Tuning Perspective on Practical Noise Mitigation" (under review,
+no arXiv id), section 3.2 and Listing 1. Math and decisions: docs/methods.md, section DAA.
 
 Per query head ``i`` a matrix ``W_i`` (d x d), identity at init:
 ``A1 = softmax(s Q K^T)``, ``A2 = softmax(s (Q W) K^T)``, ``O' = O1 - lambda(t) O2``.
@@ -32,7 +35,7 @@ class DAAConfig(MethodConfig):
     """
 
     name = "daa"
-    summary = "per-head d x d query transform; O1 - lambda O2 with a second map from the transformed query (SPEC 2)"
+    summary = "per-head d x d query transform; O1 - lambda O2 with a second map from the transformed query"
     where: str = "pre_rope"
 
     def validate(self) -> None:

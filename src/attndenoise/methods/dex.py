@@ -1,14 +1,17 @@
-"""DEX, Differential Extension (SPEC section 4; seed 002, eq. 2 and 11).
+"""DEX, Differential Extension: a per-head transform of each head's output.
+
+Paper: Kong, Jang and Kwak, "Understanding Differential Transformer Unchains Pretrained Self-Attentions",
+arXiv 2505.16333 (eq. 2 and 11 of the DAA paper restate it). Math and decisions: docs/methods.md, section DEX.
 
 ``O'_i = O_i (I - lambda(t) W_i)`` for each selected head ``i``, ``W_i`` (d x d). One fused attention call; the
 extension acts on the per-head output, so after training it folds into ``W_O`` (block-diagonal product) and a
 merged model costs nothing extra.
 
-Options: ``init`` identity (seed 002) or zero; ``shared`` one matrix for all heads of a layer (as in a public
-Megatron-based port); ``head_selection="entropy"`` keeps the ``head_fraction`` of heads with the highest mean
-attention entropy on calibration data (the paper selects "a layer-specific subset of heads" by an unpublished
-rule; high-entropy heads are the diffuse, noise-prone ones). The selection is resolved once, on the stock model,
-and stored in the config (``heads``), so a saved adapter reloads without calibration data.
+Options: ``init`` identity (as the DAA paper describes DEX) or zero; ``shared`` one matrix for all heads of a layer
+(as in a public Megatron-based port); ``head_selection="entropy"`` keeps the ``head_fraction`` of heads with the
+highest mean attention entropy on calibration data (the paper selects "a layer-specific subset of heads" by an
+unpublished rule; high-entropy heads are the diffuse, noise-prone ones). The selection is resolved once, on the
+stock model, and stored in the config (``heads``), so a saved adapter reloads without calibration data.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class DEXConfig(MethodConfig):
     """
 
     name = "dex"
-    summary = "per-head d x d transform of each head's output, O (I - lambda W); merges into W_O (SPEC 4)"
+    summary = "per-head d x d transform of each head's output, O (I - lambda W); merges into W_O"
     init: str = "identity"
     shared: bool = False
     head_selection: str = "all"

@@ -1,34 +1,25 @@
-"""DIFF attention retrofit (SPEC section 5; the Differential Transformer as seeds 002 and 003 describe it).
+"""DIFF attention retrofit: the Differential Transformer's two maps on a pretrained model.
+
+Paper: Ye et al., "Differential Transformer", arXiv 2410.05258. Math and decisions: docs/methods.md, section DIFF
+retrofit.
 
 ``O' = (A1 - lambda A2) V`` with ``A_j = softmax(s Q_j K_j^T)``.
 
 Retrofit (default): ``Q1 = Q``, ``K1 = K`` are the pretrained ones; ``Q2``, ``K2`` come from new projections
 ``W_Q2``, ``W_K2`` (with biases where the family has them) initialised as copies of ``W_Q``, ``W_K``. They go through
 the family's own ``q_norm``/``k_norm`` and rotary embedding exactly like the stock query/key, so ``A2 = A1`` at
-init, and with ``lambda(0) = 0`` the model is unchanged (SPEC 0.1). ``K2`` is computed once per token and cached
-next to ``K`` (concatenated on the head-dim axis, SPEC 0.6). The copies are taken in :meth:`DIFF.calibrate`, the only
-hook that sees the stock model before the per-layer modules are built.
+init, and with ``lambda(0) = 0`` the model is unchanged. ``K2`` is computed once per token and cached next to ``K``
+(concatenated on the head-dim axis). The copies are taken in :meth:`DIFF.calibrate`, the only hook that sees the
+stock model before the per-layer modules are built.
 
-Lambda (SPEC 1 / 5):
+Lambda: the common schedule (``lambda_learn`` starts at 0), or with ``lambda_reparam=True`` DIFF's
+``exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init`` in place of ``lambda_learn`` (:class:`ReparamLambda`).
 
-* default: the SPEC 1 schedule (``lambda_learn`` starts at 0);
-* ``lambda_reparam=True``: DIFF's re-parameterisation ``r = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init`` with the
-  four vectors ``~N(0, lambda_std^2)`` (length ``head_dim``; one set per layer, or per head/pair). It enters the SPEC 1
-  schedule *in place of* ``lambda_learn``: ``"paper"``: ``lambda(t) = (1 - a) (t/T) lambda_init + a r``,
-  ``"linear"``: ``lambda(t) = a r``, ``a = min(1, t/T)``. So ``lambda(0) = 0`` (identity at init when
-  ``anneal_steps > 0``) and ``lambda(t >= T) = r`` ("once warm-up ends"); with ``anneal_steps=0``
-  ``lambda = r`` from the start, as in a from-scratch DIFF model (not the identity then).
-
-From-scratch options (they change the model at init, so they are for models trained or converted that way):
-
-* ``head_norm=True``: RMSNorm (no affine, ``norm_eps``) of each head's output, times ``(1 - lambda_init)``.
-* ``pairing=True``: transformers' ``DiffLlama`` layout. No new projections: query head ``i`` (``i < h/2``) gives
-  ``A1`` and head ``i + h/2`` gives ``A2`` of pair ``i``; each pair reads the value ``[V_a, V_{a + h_kv/2}]``
-  (``a`` = the pair's key/value head, values concatenated to width ``2d``), and with ``head_norm`` the norm runs
-  over those ``2d`` channels. Pair ``i`` fills output heads ``2i, 2i+1``. The cache holds the values already
-  concatenated (``h_kv/2`` heads of width ``2d``, the same memory), so no per-step copy or GQA repeat is needed.
-  With ``pairing``, ``head_norm``, ``lambda_reparam``, ``lambda_init="depth"``, ``anneal_steps=0`` and
-  ``lambda_granularity="layer"`` a Llama model carrying a ``DiffLlama``'s weights computes what that model computes.
+From-scratch options change the model at init, so they are for models trained or converted that way: ``head_norm``
+(per-head RMSNorm times ``(1 - lambda_init)``) and ``pairing`` (transformers' ``DiffLlama`` head layout,
+:meth:`DIFF._attend_pairs`). With ``pairing``, ``head_norm``, ``lambda_reparam``, ``lambda_init="depth"``,
+``anneal_steps=0`` and ``lambda_granularity="layer"`` a Llama model carrying a ``DiffLlama``'s weights computes what
+that model computes.
 """
 
 from __future__ import annotations
@@ -63,10 +54,11 @@ def stash_second_projections(model: nn.Module, config: MethodConfig) -> MethodCo
     """A copy of ``config`` carrying clones of ``W_Q``/``W_K`` (and biases) of the chosen layers of the stock model.
 
     The per-layer module is built from ``(config, LayerInfo)`` only, so this is how it can start as a copy of the
-    pretrained projections (SPEC 5). Each module pops its entry, so no extra memory is held after :func:`apply`;
-    the attribute is not a dataclass field and never reaches ``attndenoise_config.json``. Under a peft adapter
-    (LoRA) the copy is of the *effective* projection (base + LoRA), so ``A2 = A1`` at init in either order of
-    wrapping; the copy is the method's own parameter afterwards, so a later LoRA merge does not change it.
+    pretrained projections (docs/methods.md, section DIFF retrofit). Each module pops its entry, so no extra memory
+    is held after :func:`apply`; the attribute is not a dataclass field and never reaches ``attndenoise_config.json``.
+    Under a peft adapter (LoRA) the copy is of the *effective* projection (base + LoRA), so ``A2 = A1`` at init in
+    either order of wrapping; the copy is the method's own parameter afterwards, so a later LoRA merge does not
+    change it.
     """
     layers = attention_layers(model)
     new = dataclasses.replace(config)
@@ -97,7 +89,7 @@ def project_with(
 
 
 class SecondProjections(nn.Module):
-    """``W_Q2``, ``W_K2`` (+ biases), copies of the pretrained ``W_Q``, ``W_K`` at init (SPEC 5 retrofit)."""
+    """``W_Q2``, ``W_K2`` (+ biases), copies of the pretrained ``W_Q``, ``W_K`` at init."""
 
     q_weight: nn.Parameter
     q_bias: nn.Parameter | None
@@ -127,7 +119,14 @@ class SecondProjections(nn.Module):
 
 
 class ReparamLambda(LambdaSchedule):
-    """DIFF's ``lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init`` under the SPEC 1 warm-up (module docstring).
+    """DIFF's ``r = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init`` under the common warm-up.
+
+    The four vectors are drawn from ``N(0, std^2)`` (length ``head_dim``; one set per layer, or per head/pair). ``r``
+    enters the schedule *in place of* ``lambda_learn``: ``"paper"``: ``lambda(t) = (1 - a) (t/T) lambda_init + a r``,
+    ``"linear"``: ``lambda(t) = a r``, ``a = min(1, t/T)``. So ``lambda(0) = 0`` (identity at init when
+    ``anneal_steps > 0``) and ``lambda(t >= T) = r`` ("once warm-up ends"); with ``anneal_steps=0`` ``lambda = r``
+    from the start, as in a from-scratch DIFF model (not the identity then). See docs/methods.md, section DIFF
+    retrofit.
 
     A :class:`LambdaSchedule` subclass so that :func:`attndenoise.step`, the Trainer callback and saving treat its
     ``step`` like every other schedule's; it has no ``lambda_learn``.
@@ -164,7 +163,7 @@ class ReparamLambda(LambdaSchedule):
 
 
 def make_lambda(module: MethodModule, num: int) -> LambdaSchedule:
-    """The lambda of a DIFF/DINT layer: SPEC 1 schedule, or the DIFF re-parameterisation when asked for."""
+    """The lambda of a DIFF/DINT layer: the common schedule, or the DIFF re-parameterisation when asked for."""
     c = module.config
     if getattr(c, "lambda_reparam", False):
         n = num if c.lambda_granularity == "head" else 1
@@ -181,7 +180,8 @@ def two_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``O1 = A1 V``, ``O2 = A2 V`` kept apart (for a norm or an integral term before the combine).
 
-    Fast path (SPEC 0.2): fused SDPA calls, one when the query sets share keys and temperature; maps are ``None``.
+    Fast path (docs/methods.md, section Fused fast path): fused SDPA calls, one when the query sets share keys and
+    temperature; maps are ``None``.
     Reference path (``call.eager`` or soft-capping): explicit float32 maps, returned with the float32 outputs.
     ``scaling2`` is ``A2``'s own scale (low-rank DINT's temperature); default the layer's.
     """
@@ -222,7 +222,7 @@ def model_norm_eps(model: nn.Module) -> float:
 
 @dataclass
 class DIFFConfig(MethodConfig):
-    """DIFF retrofit options (SPEC 5; see the module docstring for the math).
+    """DIFF retrofit options (docs/methods.md, section DIFF retrofit).
 
     Attributes:
         pairing: DiffLlama head pairing (head ``i`` with ``i + h/2``, values concatenated); no new projections.
@@ -233,7 +233,7 @@ class DIFFConfig(MethodConfig):
     """
 
     name = "diff"
-    summary = "Differential Transformer retrofit: second Q/K projections copied from W_Q/W_K, O1 - lambda O2 (SPEC 5)"
+    summary = "Differential Transformer retrofit: second Q/K projections copied from W_Q/W_K, O1 - lambda O2"
     pairing: bool = False
     head_norm: bool = False
     norm_eps: float | None = None
@@ -318,6 +318,10 @@ class DIFF(MethodModule):
     def _attend_pairs(self, query, key, vpair, call: Call):  # type: ignore[no-untyped-def]
         """DiffLlama pairing: pair ``i`` = query heads ``(i, i + h/2)`` on key/value heads ``(a, a + h_kv/2)``.
 
+        No new projections: head ``i`` (``i < h/2``) gives ``A1`` and head ``i + h/2`` gives ``A2`` of pair ``i``;
+        each pair reads the value ``[V_a, V_{a + h_kv/2}]`` (width ``2d``; the cache holds the values already
+        concatenated, ``h_kv/2`` heads of width ``2d``, the same memory, so no per-step copy or GQA repeat is
+        needed), ``head_norm`` runs over those ``2d`` channels, and pair ``i`` fills output heads ``2i, 2i+1``.
         The first half of the query heads only ever meets the first half of the key/value heads (and the second
         the second), so each half is one fused GQA call against its key half and the shared paired values.
         """

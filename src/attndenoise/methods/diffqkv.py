@@ -1,4 +1,7 @@
-"""DiffQ, DiffK and DiffV (SPEC section 3; seed 002, section 3.3).
+"""DiffQ, DiffK and DiffV: a transformed layer input for a second query, key set or value.
+
+Paper: "Revisiting Differential Attention: A Fine-Tuning Perspective on Practical Noise Mitigation" (under review,
+no arXiv id), section 3.3 and Listings 2-4. Math and decisions: docs/methods.md, section DiffQ, DiffK, DiffV.
 
 One matrix ``W_D`` (d_model x d_model) per layer, identity at init, applied to the layer input before a pretrained
 projection (row-vector convention: ``X W_D``):
@@ -35,7 +38,7 @@ class DiffQConfig(MethodConfig):
     """DiffQ: second query from the transformed layer input."""
 
     name = "diffq"
-    summary = "second query from the transformed layer input X W_D; O1 - lambda O2 (SPEC 3)"
+    summary = "second query from the transformed layer input X W_D; O1 - lambda O2"
 
 
 @dataclass
@@ -43,7 +46,7 @@ class DiffKConfig(MethodConfig):
     """DiffK: second key set from the transformed layer input (cached)."""
 
     name = "diffk"
-    summary = "second key set from X W_D, cached beside K; O1 - lambda O2 (SPEC 3)"
+    summary = "second key set from X W_D, cached beside K; O1 - lambda O2"
 
 
 @dataclass
@@ -51,7 +54,7 @@ class DiffVConfig(MethodConfig):
     """DiffV: values from ``X (I - lambda W_D)``; mergeable into ``W_V``."""
 
     name = "diffv"
-    summary = "values from X (I - lambda W_D); one attention call, merges into W_V (SPEC 3)"
+    summary = "values from X (I - lambda W_D); one attention call, merges into W_V"
 
 
 class _InputTransform(MethodModule):

@@ -1,4 +1,7 @@
-"""DINT and low-rank DINT (SPEC section 7; seed 003, after Cang et al., "DINT Transformer").
+"""DINT and low-rank DINT: differential attention plus an integral term from the mean of the first map.
+
+Papers: Cang et al., "DINT Transformer", arXiv 2501.17486; low-rank DINT from the slides "Low rank attention
+denoising" (Okhotnikov, MIPT 2025). Math and decisions: docs/methods.md, sections DINT and Low-rank DINT.
 
 ``O' = (lambda A3 + A1 - lambda A2) V``.
 
@@ -8,41 +11,24 @@ LMs (default, ``causal_integral=True``) ``A3[i] = (1/c_i) sum_{j <= i, j valid} 
 
     ``O' = lambda cummean(O1) + O1 - lambda O2``
 
-with two fused attention calls and a running sum: no N x N matrix (SPEC 0.2). Left-padding rows (queries that see
-no key) are left out of both the sum and the count ``c_i``, so a padded example computes what it computes alone.
+with two fused attention calls and a running sum: no N x N matrix. Left-padding rows (queries that see no key) are
+left out of both the sum and the count ``c_i``, so a padded example computes what it computes alone.
 ``causal_integral=False`` keeps the printed form (mean over all valid rows, for encoders); it cannot decode with a
-KV cache.
-
-Decoding state (SPEC 7, 0.6). The sum runs over *all* earlier valid positions, also those a sliding window no longer
-shows, so it cannot be recomputed from the cache. Each position's prefix sum of ``O1`` (its group's ``g`` query
-heads, ``g*d`` channels) and its valid count are stored as extra channels of the cached *value* of its key/value
-head: :meth:`DINT.store` appends zero placeholders, :meth:`DINT.attend` fills them once ``O1`` is known. The tensor a
-dynamic cache layer returns from ``update`` is its own storage (``DynamicSlidingWindowLayer`` keeps a view of it), so
-the write lands in the cache; cropping, beam reordering and window trimming then keep each position's state with
-its key, and the state for the next token is always the last cached position's. The state is float32 whatever the
-model dtype: in a 16-bit cache it is stored bit-for-bit as pairs of 16-bit channels (a bf16 count would stop being
-exact at 257). Costs: ``g*d + 1`` extra value channels per key/value head (twice that in 16-bit caches), padded to
-a multiple of 8 channels per cached row. Static and quantized caches are refused with a ValueError
-(:meth:`DINT.check_cache`): a static layer pads the keys to its full length, so "the last cached position" is an
-empty slot, and a quantized one re-encodes what it stores; both gave wrong logits silently before the check.
-Training runs through the same code without a cache; when a cache is present with gradients enabled, ``O1`` is
-computed from a copy of ``V`` so that the in-place write cannot invalidate saved tensors.
+KV cache. While decoding, the running sum lives inside the KV cache (see the comment above :func:`state_width`).
 
 Second map:
 
 * DINT: ``W_Q2``, ``W_K2`` are new projections initialised as copies of ``W_Q``, ``W_K`` (as in the DIFF retrofit,
   :mod:`attndenoise.methods.diff`), so ``A2 = A1``, ``A3 V = cummean(O1)`` and with ``lambda(0) = 0`` the model is
-  unchanged at init (SPEC 0.1). ``K2`` is cached next to ``K``.
-* Low-rank DINT: ``Q2 = X W_Q2_down W_Q2_up``, ``K2 = X W_K2_down W_K2_up``. The slides name four matrices, so queries
-  and keys have their *own* down/up pair (``W_down`` d_model x r, ``W_up`` r x (heads d)). The slides omit RoPE for
-  every map (also for ``A1``, which has it in the model they fine-tune), so by default ``Q2``/``K2`` are rotated
-  like ``Q1``/``K1`` (``rotary=False`` leaves them unrotated); no bias and no ``q_norm``/``k_norm`` (new projections).
-  ``W_down`` is drawn like a default linear layer, ``U(-1/sqrt(d_model), 1/sqrt(d_model))`` (the slides' variance
-  argument), ``W_up`` is zero, so ``A2`` starts uniform over the visible keys and lambda must start at 0.
-  Temperature of ``A2``: ``temperature="d81"`` uses ``sqrt(d2)``, ``d2 = d/81``, i.e. scale ``9 s`` with ``s`` the
-  layer's own scale (``1/sqrt(d)`` in most families; a family's custom scale keeps its ratio); ``"sqrt_d"`` uses ``s``.
+  unchanged at init. ``K2`` is cached next to ``K``.
+* Low-rank DINT: ``Q2 = X W_Q2_down W_Q2_up``, ``K2 = X W_K2_down W_K2_up``, with their *own* down/up pair for
+  queries and for keys (``W_down`` d_model x r, ``W_up`` r x (heads d)). Rotated like ``Q1``/``K1`` by default
+  (``rotary=False`` leaves them unrotated); no bias and no ``q_norm``/``k_norm``. ``W_down`` is drawn like a default
+  linear layer, ``W_up`` is zero, so ``A2`` starts uniform over the visible keys and lambda must start at 0.
+  Temperature of ``A2``: ``temperature="d81"`` uses ``sqrt(d/81)``, i.e. scale ``9 s`` with ``s`` the layer's own
+  scale; ``"sqrt_d"`` uses ``s``.
 
-Lambda: the SPEC 1 schedule, or DIFF's re-parameterisation (``lambda_reparam=True``, defined in
+Lambda: the common schedule, or DIFF's re-parameterisation (``lambda_reparam=True``, defined in
 :mod:`attndenoise.methods.diff`); either way ``lambda(0) = 0`` when ``anneal_steps > 0``.
 """
 
@@ -64,10 +50,23 @@ from .base import Call, LayerContext, LayerInfo, MethodModule
 from .diff import SecondProjections, _check_bool, make_lambda, stash_second_projections, two_outputs
 
 # -- the causal integral state in the value cache -------------------------------------------------------------------
+#
+# The running sum covers *all* earlier valid positions, also those a sliding window no longer shows, so it cannot be
+# recomputed from the cache. Each position's prefix sum of O1 (its group's g query heads, g*d channels) and its valid
+# count are stored as extra channels of the cached *value* of its key/value head: DINT.store appends zero
+# placeholders, DINT.attend fills them once O1 is known. The tensor a dynamic cache layer returns from `update` is its
+# own storage (DynamicSlidingWindowLayer keeps a view of it), so the write lands in the cache; cropping, beam
+# reordering and window trimming then keep each position's state with its key, and the state for the next token is
+# always the last cached position's. The state is float32 whatever the model dtype: in a 16-bit cache it is stored
+# bit for bit as pairs of 16-bit channels (a bf16 count would stop being exact at 257). Cost: g*d + 1 extra value
+# channels per key/value head (twice that in 16-bit caches), padded to a multiple of 8 channels per cached row.
+# Static and quantized caches are refused (DINT.check_cache). Training runs through the same code without a cache;
+# with a cache and gradients enabled, O1 is computed from a copy of V so that the in-place write cannot invalidate
+# saved tensors. See docs/methods.md, section DINT.
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 at least: sums and counts of long prefixes need it (SPEC 0.3)
+    # float32 at least: sums and counts of long prefixes need it (docs/methods.md, section Float32 combination)
     return dtype if torch.finfo(dtype).bits >= 32 else torch.float32
 
 
@@ -135,7 +134,7 @@ def valid_rows(call: Call, nq: int, nk: int, device: torch.device) -> torch.Tens
 
 @dataclass
 class DINTConfig(MethodConfig):
-    """DINT options (SPEC 7).
+    """DINT options (docs/methods.md, section DINT).
 
     Attributes:
         causal_integral: ``True`` (default): ``A3`` = causal running row mean of ``A1`` (decoders);
@@ -145,7 +144,7 @@ class DINTConfig(MethodConfig):
     """
 
     name = "dint"
-    summary = "differential attention plus an integral term from the causal mean of the first map (SPEC 7)"
+    summary = "differential attention plus an integral term from the causal mean of the first map"
     causal_integral: bool = True
     lambda_reparam: bool = False
     lambda_std: float = 0.1
@@ -159,7 +158,7 @@ class DINTConfig(MethodConfig):
 
 @dataclass
 class LowRankDINTConfig(DINTConfig):
-    """Low-rank DINT options (SPEC 7).
+    """Low-rank DINT options (docs/methods.md, section Low-rank DINT).
 
     Attributes:
         rank: ``r`` of ``W_down`` (d_model x r) / ``W_up`` (r x heads*d), separate for queries and keys.
@@ -168,7 +167,7 @@ class LowRankDINTConfig(DINTConfig):
     """
 
     name = "lowrank_dint"
-    summary = "DINT with rank-r second projections (SPEC 7)"
+    summary = "DINT with rank-r second projections"
     rank: int = 16
     temperature: str = "d81"
     rotary: bool = True
@@ -204,7 +203,7 @@ class DINT(MethodModule):
 
     @classmethod
     def calibrate(cls, model: nn.Module, config: MethodConfig, **kwargs: Any) -> MethodConfig:
-        """Copy ``W_Q``/``W_K`` of the stock model for the second projections (SPEC 7 / 5)."""
+        """Copy ``W_Q``/``W_K`` of the stock model for the second projections (as the DIFF retrofit does)."""
         super().calibrate(model, config, **kwargs)
         return stash_second_projections(model, config) if cls.copies_qk else config
 
@@ -220,7 +219,8 @@ class DINT(MethodModule):
     def check_cache(self, attn: nn.Module, cache: Any) -> None:
         """Refuse static and quantized caches: the running state is written into the storage a dynamic layer's
         ``update`` returns and read at the last cached position, which a static layer (keys padded to its full
-        length) or a quantized one (re-encoded values) does not provide; measured: wrong logits, not an error."""
+        length) or a quantized one (re-encoded values) does not provide: they gave wrong logits, not an error
+        (docs/decisions.md, section methods/dint.py)."""
         layers = getattr(cache, "layers", None) or []
         idx = getattr(attn, "layer_idx", None)
         layer = layers[idx] if isinstance(idx, int) and idx < len(layers) else None

@@ -1,4 +1,7 @@
-"""OpAmp adaptation (SPEC section 6; seeds 000, 001; placement as in the authors' public code, wuhy68/OpampAdapter).
+"""OpAmp adaptation: four bottleneck adapters on Q/K and an operational-amplifier combination of two maps.
+
+Paper: Wu et al., "Efficient OpAmp Adaptation for Zoom Attention to Golden Contexts", arXiv 2502.12502; placement as
+in the authors' public code, github.com/wuhy68/OpampAdapter. Math and decisions: docs/methods.md, section OpAmp.
 
 Four adapters ``E(x) = x + c W2 phi(W1 dropout(x))`` (``phi`` = exact GELU, dropout ``adapter_dropout`` on the
 adapter input in training only, the residual is the un-dropped ``x``; ``W1`` (``adapter_dim`` x size)
@@ -8,19 +11,19 @@ family's own q/k norms and rotary embedding, i.e. on exactly what the attention 
 ``Q1 = E_q1(Q)``, ``Q2 = E_q2(Q)``, ``K1 = E_k1(K)``, ``K2 = E_k2(K)``, ``A_j = softmax(s Q_j K_j^T)``,
 ``M = A_d (A1 - A2) + (A_c / 2)(A1 + A2)`` with ``A_c = 1``, ``A_d = K`` (``cmrr``), so
 ``O' = (K + 1/2) O1 - (K - 1/2) O2``, computed in float32 as ``O2 + (K + 1/2)(O1 - O2)``: with ``W2 = 0`` both
-maps are the stock map, ``O1 == O2`` bit for bit, and the output is the stock output exactly (SPEC 0.1), with no
+maps are the stock map, ``O1 == O2`` bit for bit, and the output is the stock output exactly, with no
 ``10.5 O - 9.5 O`` cancellation round-off.
 
 Key adapters (``key_adapters``):
 
 * ``"kv_heads"`` (default; the authors' Llama code): ``E_k`` acts on the key/value heads concatenated, before any
-  GQA repetition (size ``h_kv d``). Attention stays GQA-native (SPEC 0.5).
+  GQA repetition (size ``h_kv d``). Attention stays GQA-native.
 * ``"repeated"`` (the authors' Qwen2 code): their Qwen2 attention repeats K to ``h`` heads *first* and adapts the
   repeated vector (size ``h d``), so every query head gets its own adapted key. Needed to run checkpoints trained
   that way (:func:`attndenoise.load_opamp_checkpoint`); it costs ``h / h_kv`` times the key memory and repeats V.
   Without GQA (``h == h_kv``) both layouts are the same function.
 
-Caching (SPEC 0.6): ``K1`` and ``K2`` are computed once per new token and stored in the KV cache in place of ``K``
+Caching: ``K1`` and ``K2`` are computed once per new token and stored in the KV cache in place of ``K``
 (concatenated on the head-dim axis: ``(B, heads, N, 2d)``), so a decoding step runs the key adapters over one
 token. The authors' code instead caches ``K`` and re-runs both key adapters over the whole cache at every step;
 ``cache_adapted_keys=False`` reproduces that, **for benchmarks only** (same outputs, slower decoding).
@@ -53,7 +56,7 @@ KEY_ADAPTERS = ("kv_heads", "repeated")
 
 @dataclass
 class OpAmpConfig(MethodConfig):
-    """OpAmp options (SPEC 6; the module docstring has the math).
+    """OpAmp options (the module docstring has the math).
 
     Attributes:
         adapter_dim: bottleneck ``d2`` of each adapter (the authors trained with 64; the paper text says 512).
@@ -68,7 +71,7 @@ class OpAmpConfig(MethodConfig):
     """
 
     name = "opamp"
-    summary = "four bottleneck adapters on Q/K, (K + 1/2) O1 - (K - 1/2) O2 with CMRR K (SPEC 6)"
+    summary = "four bottleneck adapters on Q/K, (K + 1/2) O1 - (K - 1/2) O2 with CMRR K"
     uses_lambda_schedule: ClassVar[bool] = False
     adapter_dim: int = 64
     adapter_scaling: float = 1.0
@@ -179,7 +182,7 @@ class OpAmp(MethodModule):
         kw2 = dict(mask=call.mask, scaling=call.scaling, dropout=call.dropout, causal=call.causal)
         o1 = core.sdpa(q1, k1, v, **kw2).float()  # type: ignore[arg-type]
         o2 = core.sdpa(q2, k2, v, **kw2).float()  # type: ignore[arg-type]
-        # (K + 1/2) O1 - (K - 1/2) O2, written so that O1 == O2 gives O2 exactly (SPEC 0.1, 0.3)
+        # (K + 1/2) O1 - (K - 1/2) O2 in float32, written so that O1 == O2 gives O2 exactly (identity at init)
         return (o2 + self.gain * (o1 - o2)).to(value.dtype), None
 
     def extra_repr(self) -> str:

@@ -1,9 +1,10 @@
-"""SRA, Scaled ReAttention (SPEC section 8; seed 004, rule as in the authors' public demonstration code).
+"""SRA, Scaled ReAttention: inference-time re-weighting of selected attention rows at prefill.
 
-Paper: Gao, Wang, Fang, Hu and Cheng, "Empower Your Model with Longer and Better Context Comprehension",
-arXiv:2307.13365 (the paper the authors' repository cites; it names the technique Attention Transition). Authors'
-code: github.com/yileijin/Attention-Transition, ``modeling_llama.py`` (``init_sra``, ``get_attention_block_inter`` /
-``get_attention_block_outer``, ``adjust_attention_weights_inter`` / ``_outer``).
+Paper: Gao et al., "Pay Attention to What You Need", arXiv 2307.13365 (its first version, by Gao, Wang, Fang, Hu and
+Cheng, is titled "Empower Your Model with Longer and Better Context Comprehension" and names the technique Attention
+Transition). The rule follows the authors' code: github.com/yileijin/Attention-Transition, ``modeling_llama.py``
+(``init_sra``, ``get_attention_block_inter`` / ``get_attention_block_outer``, ``adjust_attention_weights_inter`` /
+``_outer``). Math and decisions: docs/methods.md, section SRA.
 
 Inference only, no parameters. At prefill, in every layer but the last, a few *row blocks* of the softmax map
 ``P`` are edited; everything else is the stock attention:
@@ -17,15 +18,12 @@ Inference only, no parameters. At prefill, in every layer but the last, a few *r
   strengthen factor ``strengthen_outer``.
 
 Each rule needs its span to exist: the inter rule a prompt of ``n > b + t + 3`` valid tokens, the outer rule
-``n > t + 3``. The two rules are decided **independently**, per example, as in the authors' code (their
-``get_attention_block_inter`` / ``_outer`` give an example no block when its prompt is too short for that rule, and the
-other rule still runs): a prompt with ``t + 3 < n <= b + t + 3`` gets the outer rule only, and a prompt that fits
-neither runs exactly as the stock model. With the defaults ``b = 100, t = 200`` every prompt of 303 tokens or fewer
-is too short for the inter rule (204 to 303 tokens get the outer rule alone, fewer get neither), which covers ordinary
-chat prompts and pipelines; raising there would make ``generate`` fail on them, so skipping is the default
-(``short_prompt="skip"``) and a :class:`ShortPromptWarning` says so once per configuration (the first time a rule is
-skipped; not per layer, example, call or decoding step). ``short_prompt="error"`` raises a ``ValueError`` naming the
-example and the rule instead.
+``n > t + 3``. The two rules are decided **independently**, per example, as in the authors' code: a prompt with
+``t + 3 < n <= b + t + 3`` gets the outer rule only, and a prompt that fits neither runs exactly as the stock model.
+With the defaults ``b = 100, t = 200`` every prompt of 303 tokens or fewer is too short for the inter rule, which
+covers ordinary chat prompts; raising there would make ``generate`` fail on them, so skipping is the default
+(``short_prompt="skip"``, with one :class:`ShortPromptWarning` per configuration) and ``short_prompt="error"``
+raises a ``ValueError`` naming the example and the rule instead.
 
 The edit of one (head, row): the row is *selected* when some target key has ``P > tau``. In a selected row every
 probability below ``tau`` is set to 0; the removed mass ``R`` times the strengthen factor ``s`` is added to the
@@ -33,28 +31,9 @@ target keys only, in proportion 100 for target keys that survive (``P >= tau``) 
 not renormalised: an edited row sums to ``1 + (s-1) R``. ``R`` is the mass actually removed (the authors write
 ``1 - remaining``, the same up to float round-off).
 
-How this implementation differs from the authors' demonstration (SPEC 8, "must improve on theirs"):
-
-* the whole map is never built on the fast path: the stock fused attention (SDPA) computes every row, then only the
-  edited row blocks are recomputed from explicit probabilities, in slices of at most ``max_block_elements``
-  probabilities, so the extra memory is ``O(rows x n)`` per layer and bounded by the option;
-* ``n`` and all positions are counted per example inside its valid (non-padding) region, read from the model's own
-  attention mask, so batches and left padding work; ``t = n/dynamic_div`` is computed per example and the
-  configuration is never changed while running;
-* a (head, row) pair whose edit removes no probability mass keeps the fused output bit for bit (so
-  ``alpha = 0`` is exactly the stock model);
-* with a sliding-window mask, target keys the mask hides get no mass (weight 0 instead of 5). The authors' Llama has
-  no window; without one every target key is visible (targets precede the edited rows), and the rule is theirs.
-
-Prefill only: a forward whose queries do not cover all its keys (``q_len == 1`` decoding, or a chunk appended to a
-cache with past tokens) is the stock computation. A static (pre-allocated) cache looks like "past tokens" and so
-disables SRA; use the default dynamic cache. Generating *without* a cache re-runs prefill on every step (``n``
-grows, the edited blocks move), so, unlike the trainable methods, cached and uncached generation differ by design:
-SRA's generation is an SRA prefill followed by stock decoding steps over the SRA-altered cache.
-
-The paper's motivation (RoPE's long-distance decay, the transformed map ``D P A``) is not computed by the authors'
-code and not here (SPEC 8). The common ``anneal_steps`` / ``lambda_*`` fields of :class:`MethodConfig` do not apply
-to SRA and are ignored.
+The paper's motivation (RoPE's long-distance decay, the transformed map ``D P A``) is computed neither by the
+authors' code nor here. The common ``anneal_steps`` / ``lambda_*`` fields of :class:`MethodConfig` do not apply to
+SRA and are ignored. How this implementation improves on the authors' (memory, batches, padding): :meth:`SRA.attend`.
 """
 
 from __future__ import annotations
@@ -91,7 +70,7 @@ class ShortPromptError(ValueError):
 
 @dataclass
 class SRAConfig(MethodConfig):
-    """SRA options (SPEC 8). Defaults are the authors' ``init_sra``; their demo used ``b=5, t=50,
+    """SRA options (docs/methods.md, section SRA). Defaults are the authors' ``init_sra``; their demo used ``b=5, t=50,
     alpha_inter=alpha_outer=0.5, strengthen_inter=strengthen_outer=5``.
 
     Attributes:
@@ -117,7 +96,7 @@ class SRAConfig(MethodConfig):
     """
 
     name = "sra"
-    summary = "inference-only Scaled ReAttention: re-weights selected attention rows at prefill (SPEC 8)"
+    summary = "inference-only Scaled ReAttention: re-weights selected attention rows at prefill"
     trainable: ClassVar[bool] = False
     uses_lambda_schedule: ClassVar[bool] = False
 
@@ -173,7 +152,7 @@ def _need(config: SRAConfig, rule: str, t: int) -> tuple[int, str]:
 
 
 def plan(config: SRAConfig, n: int, layer: int, num_layers: int, example: int = 0) -> list[Segment]:
-    """The row blocks layer ``layer`` of ``num_layers`` edits in a prompt of ``n`` valid tokens (SPEC 8).
+    """The row blocks layer ``layer`` of ``num_layers`` edits in a prompt of ``n`` valid tokens (module docstring).
 
     Each rule that runs on this layer (inter: layers ``0 .. L-2``, outer: ``1 .. L-2``) is decided on its own, as in
     the authors' code: it applies when its span fits (inter ``n > b + t + 3``, outer ``n > t + 3``). A rule that does
@@ -260,7 +239,7 @@ def edit_rows(
     p: torch.Tensor, targets: slice, tau: float, strengthen: float, visible: torch.Tensor | None,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the SPEC 8 edit to probability rows ``p`` (..., rows, keys) -> ``(edited rows, changed (..., rows))``.
+    """Apply the SRA edit to probability rows ``p`` (..., rows, keys) -> ``(edited rows, changed (..., rows))``.
 
     ``visible`` (broadcastable to the target block) marks the target keys the model's mask lets the rows see; hidden
     ones get no mass. ``changed`` is False where the edit removed no mass: those rows come back bit for bit.
@@ -305,7 +284,7 @@ def _valid_spans(mask: torch.Tensor | None, batch: int, nk: int) -> list[tuple[i
 
 
 class SRA(MethodModule):
-    """Stock fused attention, then the SPEC 8 edit of this layer's row blocks, recomputed explicitly."""
+    """Stock fused attention, then the SRA edit of this layer's row blocks, recomputed explicitly."""
 
     @property
     def edits(self) -> bool:
@@ -317,9 +296,34 @@ class SRA(MethodModule):
         self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
         call: Call,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stock output, with the rows this layer's rule selects re-computed from edited probabilities.
+
+        How this differs from the authors' demonstration code (which builds the full map in every layer, reads batch
+        element 0 for every row of the batch and assumes no left padding):
+
+        * the whole map is never built on the fast path: the stock fused attention (SDPA) computes every row, then
+          only the edited row blocks are recomputed from explicit probabilities, in slices of at most
+          ``max_block_elements`` probabilities, so the extra memory is ``O(rows x n)`` per layer and bounded by the
+          option;
+        * ``n`` and all positions are counted per example inside its valid (non-padding) region, read from the
+          model's own attention mask, so batches and left padding work; ``t = n/dynamic_div`` is computed per
+          example and the configuration is never changed while running;
+        * a (head, row) pair whose edit removes no probability mass keeps the fused output bit for bit (so
+          ``alpha = 0`` is exactly the stock model);
+        * with a sliding-window mask, target keys the mask hides get no mass (weight 0 instead of 5). The authors'
+          Llama has no window; without one every target key is visible (targets precede the edited rows), and the
+          rule is theirs.
+
+        Prefill only: a forward whose queries do not cover all its keys (``q_len == 1`` decoding, or a chunk
+        appended to a cache with past tokens) is the stock computation. A static (pre-allocated) cache looks like
+        "past tokens" and so disables SRA; use the default dynamic cache. Generating *without* a cache re-runs
+        prefill on every step (``n`` grows, the edited blocks move), so, unlike the trainable methods, cached and
+        uncached generation differ by design: SRA's generation is an SRA prefill followed by stock decoding steps
+        over the SRA-altered cache.
+        """
         out, pmap = call.one_map(query, key, value)
         nq, nk = query.shape[-2], key.shape[-2]
-        if nq == 1 or nq != nk or not self.edits:  # decoding / cached chunk / last layer: stock (SPEC 8)
+        if nq == 1 or nq != nk or not self.edits:  # decoding / cached chunk / last layer: stock (prefill only)
             return out, pmap
         cfg: SRAConfig = self.config  # type: ignore[assignment]
         mask = call.mask
