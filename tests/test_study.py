@@ -186,3 +186,19 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     r = runner.invoke(app, ["study", "--data", str(data), "--model", "tiny", "--seeds", "x"])
     assert r.exit_code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_stats_hand_computed() -> None:
+    from attndenoise.stats import mean_sd, wilson_interval
+
+    assert mean_sd([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, 1.2909944))  # sqrt(5/3)
+    assert mean_sd([7.0]) == (7.0, 0.0)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
+
+
+def test_two_map_flag_is_the_methods_own() -> None:
+    from attndenoise import benchmark, registry
+
+    # DAA, DiffQ, DiffK, DIFF, OpAmp and both DINTs combine two softmax maps; DiffV and DEX one, SRA re-weights one
+    assert benchmark.TWO_MAP == {"daa", "diffq", "diffk", "diff", "opamp", "dint", "lowrank_dint"}
+    assert registry.trainable_methods() == sorted(set(registry.METHODS) - {"sra"})

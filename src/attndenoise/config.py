@@ -48,6 +48,8 @@ class MethodConfig:
     trainable: ClassVar[bool] = True
     #: whether ``anneal_steps`` / ``lambda_*`` drive the method (OpAmp and SRA have no lambda schedule)
     uses_lambda_schedule: ClassVar[bool] = True
+    #: whether the method computes two attention maps per head (benchmarks hold these to the cost of two maps)
+    two_maps: ClassVar[bool] = False
 
     layers: LayerSpec = "all"
     anneal_steps: int = 1000

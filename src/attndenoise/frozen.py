@@ -23,7 +23,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -196,6 +195,7 @@ def cached_hidden(split: FrozenPrefix, sequences: Sequence[Sequence[int]], signa
     from safetensors.torch import load_file, save_file
 
     from .cache import default_cache_dir
+    from .io import atomic_write
     from .progress import make_progress
 
     if folder is None:
@@ -222,10 +222,8 @@ def cached_hidden(split: FrozenPrefix, sequences: Sequence[Sequence[int]], signa
         if os.path.isfile(target):  # a duplicate sequence, written a moment ago
             continue
         h = split.capture(input_ids=torch.tensor([list(sequences[i])], device=device))[0].cpu().contiguous()
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-")
-        os.close(fd)
-        save_file({"hidden": h}, tmp)
-        os.replace(tmp, target)  # atomic: a killed capture leaves no half file under the final name
+        # atomic: a killed capture leaves no half file under the final name
+        atomic_write(target, lambda tmp, h=h: save_file({"hidden": h}, tmp))
         if reporter is not None and ((j + 1) % every == 0 or j + 1 == len(todo)):
             reporter.advance(f"{j + 1}/{len(todo)} examples", (j + 1) % every or every)
     if reporter is not None:

@@ -58,7 +58,10 @@ def base_signature(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
+    """``write(tmp_path)`` to a temporary file beside ``path``, then rename it into place: a reader (or a resumed
+    run after a kill) sees the old file or the whole new one, never half of it. The folder must exist."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -67,6 +70,20 @@ def _atomic_write(path: Path, write: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`atomic_write` of a text file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
+    """:func:`atomic_write` of ``obj`` as JSON (non-JSON values through ``str``), creating the folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+_atomic_write = atomic_write
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,8 +137,8 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         "config": st.config.to_dict(),
         "base": base_signature(model),
     }
-    _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(d / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return d
 
 

@@ -42,6 +42,16 @@ def config_for(name: str, **overrides: Any) -> MethodConfig:
     return cls.from_dict(overrides)
 
 
+def trainable_methods() -> list[str]:
+    """Names of the methods with parameters to train (every one but the inference-only SRA), sorted."""
+    return sorted(n for n, c in METHODS.items() if c.trainable)
+
+
+def two_map_methods() -> frozenset[str]:
+    """Names of the methods that compute two attention maps per head (``MethodConfig.two_maps``)."""
+    return frozenset(n for n, c in METHODS.items() if c.two_maps)
+
+
 def mergeable_methods() -> list[str]:
     """Names of the methods whose module can fold into base weights."""
     return sorted(n for n, m in _MODULES.items() if getattr(m, "merge_into", None) is not _base_merge())

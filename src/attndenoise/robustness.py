@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -41,6 +40,7 @@ from .data.retrieval import (
     read_multidoc_qa,
     split_records,
 )
+from .stats import wilson_interval
 
 #: SRA settings tried on the validation split; the first is the authors' (``init_sra``) and wins ties.
 AUTHORS_SRA: dict[str, Any] = {"b": 100, "t": 200, "alpha_inter": 0.5, "alpha_outer": 0.3,
@@ -105,19 +105,6 @@ class RobustnessConfig:
             raise RobustnessError(f"no such data file: {self.data} (a .jsonl or .jsonl.gz of question/answers/ctxs)")
 
 
-# -- statistics -----------------------------------------------------------------------------------------------
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion (sound at small n and at 0 or 1, unlike the normal one)."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 # -- parts ------------------------------------------------------------------------------------------------------
 
 
@@ -143,10 +130,9 @@ def _read_part(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from .io import atomic_write_json
+
+    atomic_write_json(path, obj)
 
 
 class Runner:

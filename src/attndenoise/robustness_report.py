@@ -6,12 +6,11 @@ model or data set gives a true report.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .io import atomic_write_json
 from .plots import _save, plt
 
 
@@ -157,9 +156,7 @@ def write_report(out: Path, results: Mapping[str, Mapping[str, Any]], meta: Mapp
     if att_name:
         figures.append(plot_attention(results[att_name], out / "attention.png", title))
     slim = {n: {k: v for k, v in r.items() if k != "predictions"} for n, r in results.items()}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "results": slim}, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "results.json")
+    atomic_write_json(out / "results.json", {"meta": meta, "results": slim})
 
     reused = any(r.get("reused") for r in results.values())
     md = [f"# How retrieval noise hurts {cfg['model']}", "",

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 from . import registry
+from . import stats as _stats
 
 ATTENTION_METHODS = ("daa", "diffq", "diffk", "diffv", "dex", "diff", "dint", "lowrank_dint")
 #: each method in the protocol its paper used, and the two baselines
@@ -63,8 +63,7 @@ class StudyError(ValueError):
     """A bad study setting; the message names it and what is accepted."""
 
 
-def trainable_methods() -> list[str]:
-    return sorted(n for n in registry.METHODS if registry.config_class(n).trainable)
+trainable_methods = registry.trainable_methods
 
 
 def full_rows() -> tuple[str, ...]:
@@ -487,9 +486,9 @@ def _digest(text: str) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    from .io import atomic_write_json
+
+    atomic_write_json(path, obj, indent=1)
 
 
 def _run_digest(run_dir: Path) -> str:
@@ -566,11 +565,7 @@ def _eval_seconds(out: Path, settings: Sequence[tuple[str, int, str]]) -> float:
     return total
 
 
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
+mean_sd = _stats.mean_sd
 
 
 __all__ = ["StudyConfig", "StudyError", "run_study", "parse_row", "DEFAULT_ROWS", "full_rows", "Row"]

@@ -607,10 +607,9 @@ def prepare_model(
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .io import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _replace_dir(write: Any, target: Path) -> None:
@@ -935,10 +934,9 @@ def _write_outputs(out: Path, kind: str, train_model: nn.Module, base: nn.Module
     if kind in ("none", "method+attn"):
         params = projection_parameters(base, top) if kind == "none" else attention_parameters(base, lm_head=lm_head)
         tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PROJECTIONS_FILE}.")
-        os.close(fd)
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out / PROJECTIONS_FILE)
+        from .io import atomic_write
+
+        atomic_write(out / PROJECTIONS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 # -- loading --------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class DAAConfig(MethodConfig):
     """
 
     name = "daa"
+    two_maps = True
     summary = "per-head d x d query transform; O1 - lambda O2 with a second map from the transformed query"
     where: str = "pre_rope"
 

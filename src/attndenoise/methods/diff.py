@@ -233,6 +233,7 @@ class DIFFConfig(MethodConfig):
     """
 
     name = "diff"
+    two_maps = True
     summary = "Differential Transformer retrofit: second Q/K projections copied from W_Q/W_K, O1 - lambda O2"
     pairing: bool = False
     head_norm: bool = False

@@ -38,6 +38,7 @@ class DiffQConfig(MethodConfig):
     """DiffQ: second query from the transformed layer input."""
 
     name = "diffq"
+    two_maps = True
     summary = "second query from the transformed layer input X W_D; O1 - lambda O2"
 
 
@@ -46,6 +47,7 @@ class DiffKConfig(MethodConfig):
     """DiffK: second key set from the transformed layer input (cached)."""
 
     name = "diffk"
+    two_maps = True
     summary = "second key set from X W_D, cached beside K; O1 - lambda O2"
 
 

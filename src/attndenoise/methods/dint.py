@@ -144,6 +144,7 @@ class DINTConfig(MethodConfig):
     """
 
     name = "dint"
+    two_maps = True
     summary = "differential attention plus an integral term from the causal mean of the first map"
     causal_integral: bool = True
     lambda_reparam: bool = False

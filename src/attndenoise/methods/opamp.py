@@ -71,6 +71,7 @@ class OpAmpConfig(MethodConfig):
     """
 
     name = "opamp"
+    two_maps = True
     summary = "four bottleneck adapters on Q/K, (K + 1/2) O1 - (K - 1/2) O2 with CMRR K"
     uses_lambda_schedule: ClassVar[bool] = False
     adapter_dim: int = 64
