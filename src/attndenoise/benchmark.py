@@ -1,6 +1,8 @@
 """Measuring code shared by ``bench/*.py`` and ``attndenoise bench``: speed and memory of methods vs the stock model.
 
-Everything runs on a tiny random Llama (:data:`MODEL`), so no download is needed. Three measurements:
+Everything runs on a random Llama of a named shape (:data:`SHAPES`: ``"smollm2"``, SmolLM2-135M-Instruct's
+geometry, the default real shape of ``bench/``; ``"toy"``, a tiny one, the quick option), so no download is needed:
+values do not matter for speed. Every measuring function takes ``shape`` (default ``"toy"``). Three measurements:
 
 * :func:`step_times`: forward + backward + AdamW step time of several configurations built in *one* process and
   timed round-robin (one step of each per round, the order rotated every round), so that load from other processes
@@ -13,7 +15,9 @@ Everything runs on a tiny random Llama (:data:`MODEL`), so no download is needed
 Configuration labels: ``"stock"``; ``"stock x2"`` (a stock model whose attention runs twice and averages: the
 physical cost of two softmax maps, the yardstick of the two-map methods); any registered trainable method name;
 ``"opamp re-run"`` (OpAmp with the benchmark-only ``cache_adapted_keys=False``: the key adapters re-run over the whole
-cache at every decoding step, as the authors' code does).
+cache at every decoding step, as the authors' code does); ``"diffllama"`` (a peer: transformers'
+``DiffLlamaForCausalLM``, a from-scratch DIFF model, of the same shape, see :func:`diffllama_config`; it trains its
+attention parameters like the stock baselines and is held to no target).
 
 Methods are timed at their initial parameters. None of them skips work when it is the identity at init (lambda = 0,
 zero adapters, copied projections): every term of the two-map path is computed, so timing at init is representative.
@@ -37,17 +41,30 @@ from typing import Any
 
 from . import registry as _registry
 
-#: the benchmark model: a tiny Llama (hidden 256, 4 layers, 8 query heads, 4 key/value heads)
+#: the toy benchmark model: a tiny Llama (hidden 256, 4 layers, 8 query heads, 4 key/value heads, head dim 32)
 MODEL: dict[str, Any] = dict(
     hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
     intermediate_size=688, vocab_size=1024, max_position_embeddings=8192,
 )
+#: SmolLM2-135M-Instruct's config (random weights here). ``max_position_embeddings`` is 16384 instead of its 8192 so
+#: that 8192 tokens of context plus the decoded ones stay within it; with the default RoPE no value depends on it.
+SMOLLM2: dict[str, Any] = dict(
+    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    intermediate_size=1536, vocab_size=49152, max_position_embeddings=16384, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+#: named benchmark shapes (``LlamaConfig`` keyword arguments)
+SHAPES: dict[str, dict[str, Any]] = {"smollm2": SMOLLM2, "toy": MODEL}
+_SHAPE_NAMES = {"smollm2": "SmolLM2-135M-Instruct shape", "toy": "tiny Llama"}
 #: methods that compute two attention maps per head (the ones held to the "stock x2" yardstick): each method's own
 #: ``two_maps`` flag, so a new two-map method is held to the targets without being listed here
 TWO_MAP = _registry.two_map_methods()
 #: benchmark-only variant label -> (method, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"opamp re-run": ("opamp", {"cache_adapted_keys": False})}
 BASELINES = ("stock", "stock x2")
+#: peers measured in the same run, held to no target: transformers' from-scratch DIFF model of the same shape
+PEERS = ("diffllama",)
 
 
 def trainable_methods() -> list[str]:
@@ -55,29 +72,90 @@ def trainable_methods() -> list[str]:
     return _registry.trainable_methods()
 
 
-def model_description() -> str:
-    m = MODEL
-    return (f"tiny Llama {m['hidden_size']}d x {m['num_hidden_layers']} layers, {m['num_attention_heads']} heads / "
-            f"{m['num_key_value_heads']} kv heads, batch 1")
+def shape_config(shape: str = "toy", **overrides: Any) -> dict[str, Any]:
+    """The ``LlamaConfig`` keyword arguments of shape ``shape`` (:data:`SHAPES`), with ``overrides`` applied."""
+    try:
+        cfg = SHAPES[shape]
+    except KeyError:
+        raise ValueError(f"unknown shape '{shape}'; known: {', '.join(SHAPES)}") from None
+    return {**copy.deepcopy(cfg), **overrides}
 
 
-def machine_info(threads: int) -> str:
-    """One line: date, CPU, core count, thread count, torch and transformers versions."""
-    import torch
-    import transformers
+def head_dim(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
-    cpu = platform.processor() or platform.machine()
+
+def model_description(shape: str = "toy") -> str:
+    m = shape_config(shape)
+    return (f"{_SHAPE_NAMES.get(shape, shape)} ({shape!r}, random weights): {m['hidden_size']}d x "
+            f"{m['num_hidden_layers']} layers, {m['num_attention_heads']} heads / {m['num_key_value_heads']} kv "
+            f"heads, head dim {head_dim(m)}, MLP {m['intermediate_size']}, vocab {m['vocab_size']}, batch 1")
+
+
+def diffllama_config(shape: str = "toy", **overrides: Any) -> dict[str, Any]:
+    """``DiffLlamaConfig`` keyword arguments of a from-scratch DIFF model of shape ``shape``.
+
+    Same hidden size, layers, MLP, vocabulary and attention projection sizes; the heads in the DIFF paper's layout:
+    each of the shape's ``h`` heads (head dim ``d``) becomes one differential head with two ``d/2``-dim query/key
+    maps and a ``d``-dim value, which ``DiffLlama`` writes as ``2h`` heads of dim ``d/2`` and ``2 h_kv`` kv heads
+    (it pairs head ``i`` with ``i + h``). So ``W_Q``, ``W_K``, ``W_V``, ``W_O`` and the cache are as large as
+    stock's (and ``DiffLlama``'s even kv-head count holds for any shape: SmolLM2's 9 / 3 heads are odd). The
+    ``lambda`` init is ``DiffLlama``'s default (depth-dependent ``lambda_init``, ``lambda_std_dev`` 0.1).
+    """
+    cfg = shape_config(shape, **overrides)
+    d = head_dim(cfg)
+    if d % 2:
+        raise ValueError(f"shape {shape!r}: head dim {d} is odd, no DiffLlama layout of the same size")
+    cfg.update(num_attention_heads=2 * cfg["num_attention_heads"],
+               num_key_value_heads=2 * cfg["num_key_value_heads"], head_dim=d // 2)
+    return cfg
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (else ``platform.processor()``)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+#: CPU flags that matter for these kernels: ``/proc/cpuinfo`` flag -> how tables print it
+CPU_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "amx_tile": "AMX"}
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Whether the CPU has each of :data:`CPU_FLAGS` (``/proc/cpuinfo``; all False where it cannot be read)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
+    return {k: k in flags for k in CPU_FLAGS}
+
+
+def cpu_summary() -> str:
+    """``AMD EPYC (AVX2: yes, AVX-512: no, AMX: no)``: the CPU model and the flags that matter."""
+    flags = cpu_flags()
+    return f"{cpu_model()} (" + ", ".join(
+        f"{name}: {'yes' if flags[k] else 'no'}" for k, name in CPU_FLAGS.items()) + ")"
+
+
+def machine_info(threads: int) -> str:
+    """One line: date, CPU and its flags, core count, thread count, torch and transformers versions."""
+    import torch
+    import transformers
+
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{date}; {cpu}, {os.cpu_count()} cores; torch.set_num_threads({threads}); torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}")
+    return (f"{date}; {cpu_summary()}, {os.cpu_count()} cores; torch.set_num_threads({threads}); "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
 def rss_kib() -> int:
@@ -101,11 +179,13 @@ def _register_twice() -> str:
     return "sdpa_twice"
 
 
-def build_model(label: str, *, train: bool, seed: int = 0, lambda_value: float | None = None) -> Any:
-    """The tiny Llama for configuration ``label`` (see module docstring), in train or eval mode.
+def build_model(label: str, *, train: bool, seed: int = 0, lambda_value: float | None = None, shape: str = "toy",
+                overrides: dict[str, Any] | None = None) -> Any:
+    """The random Llama of shape ``shape`` for configuration ``label`` (see module docstring), in train or eval mode.
 
     ``lambda_value`` (training benchmark): set every ``lambda_learn`` to it, so no term is zero. For a training
-    step the stock baselines train their attention projections (the methods train their own parameters).
+    step the stock baselines and the ``diffllama`` peer train their attention projections (the methods train their
+    own parameters). ``overrides``: ``LlamaConfig`` fields replacing the shape's (e.g. fewer layers in a test).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,11 +194,17 @@ def build_model(label: str, *, train: bool, seed: int = 0, lambda_value: float |
     from . import patch as _patch
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL))
+    model: Any
+    if label == "diffllama":
+        from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
+
+        model = DiffLlamaForCausalLM(DiffLlamaConfig(**diffllama_config(shape, **(overrides or {}))))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape_config(shape, **(overrides or {}))))
     model.set_attn_implementation("sdpa")  # the default on CPU torch; explicit so "stock" means SDPA
     if label == "stock x2":
         model.set_attn_implementation(_register_twice())
-    elif label != "stock":
+    elif label not in ("stock", *PEERS):
         method, kw = VARIANTS.get(label, (label, {}))
         _patch.apply(model, config_for(method, **kw))
         if lambda_value is not None:
@@ -127,7 +213,7 @@ def build_model(label: str, *, train: bool, seed: int = 0, lambda_value: float |
                     for name, p in m.named_parameters():
                         if name.endswith("lambda_learn"):
                             p.fill_(lambda_value)
-    if label in BASELINES:
+    if label in BASELINES or label in PEERS:
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in model.model.layers:
@@ -139,14 +225,14 @@ def build_model(label: str, *, train: bool, seed: int = 0, lambda_value: float |
 class _Trainer:
     """One configuration's model, optimizer and input for repeated training steps."""
 
-    def __init__(self, label: str, length: int) -> None:
+    def __init__(self, label: str, length: int, shape: str = "toy") -> None:
         import torch
 
-        self.model = build_model(label, train=True, lambda_value=0.5)
+        self.model = build_model(label, train=True, lambda_value=0.5, shape=shape)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         g = torch.Generator().manual_seed(1)
-        self.x = torch.randint(0, MODEL["vocab_size"], (1, length), generator=g)
+        self.x = torch.randint(0, shape_config(shape)["vocab_size"], (1, length), generator=g)
 
     def step(self, x: Any = None) -> None:
         x = self.x if x is None else x
@@ -167,12 +253,12 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def step_times(labels: Sequence[str], length: int, rounds: int, *, warmup: int = 1, min_seconds: float = 0.3,
-               quiet: bool = False) -> dict[str, list[float]]:
+               quiet: bool = False, shape: str = "toy") -> dict[str, list[float]]:
     """Seconds per training step of each configuration, one list entry per round (interleaved, see module doc).
 
     A round runs each configuration for ``k`` consecutive steps (``k`` chosen once, after warm-up, so that the
     fastest configuration's ``k`` steps last at least ``min_seconds``) and records the mean step time."""
-    trainers = {lab: _Trainer(lab, length) for lab in labels}
+    trainers = {lab: _Trainer(lab, length, shape) for lab in labels}
     warm: dict[str, float] = {}
     for lab, t in trainers.items():
         for _ in range(warmup):
@@ -212,7 +298,7 @@ def peak_rss_kib() -> int:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def step_peak_mib(label: str, length: int) -> float:
+def step_peak_mib(label: str, length: int, shape: str = "toy") -> float:
     """Peak memory of one training step above the resident size right before it, in MiB.
 
     The kernel's high-water mark is reset right before the step (``/proc/self/clear_refs``), so only the step's own
@@ -222,7 +308,7 @@ def step_peak_mib(label: str, length: int) -> float:
     """
     import resource
 
-    t = _Trainer(label, length)
+    t = _Trainer(label, length, shape)
     t.step(t.x[:, :16])
     base = rss_kib()
     reset = reset_peak_rss()
@@ -231,34 +317,52 @@ def step_peak_mib(label: str, length: int) -> float:
     return (peak - base) / 1024
 
 
-def step_peaks_mib(labels: Sequence[str], length: int, threads: int, parallel: int = 2) -> dict[str, float]:
+def step_peaks_mib(labels: Sequence[str], length: int, threads: int, parallel: int = 2, *, shape: str = "toy",
+                   skip_failed: bool = False) -> dict[str, float]:
     """:func:`step_peak_mib` of each configuration, each in its own fresh process, ``parallel`` at a time (the
-    processes' resident sizes are their own, so running them side by side does not change the figures)."""
+    processes' resident sizes are their own, so running them side by side does not change the figures; at a real
+    shape's long lengths one at a time, so that they fit in memory together).
+
+    ``skip_failed``: a configuration whose worker fails (e.g. killed for memory) is left out of the result (and
+    reported on stderr) instead of raising."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def one(lab: str) -> float | None:
+        try:
+            return float(run_worker("step_peak_mib", threads, label=lab, length=length, shape=shape))
+        except subprocess.CalledProcessError as e:
+            if not skip_failed:
+                raise
+            _log(f"  step peak {lab} @{length}: worker failed (exit status {e.returncode}; out of memory?)", False)
+            return None
+
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        peaks = pool.map(lambda lab: run_worker("step_peak_mib", threads, label=lab, length=length), labels)
-        return dict(zip(labels, peaks, strict=True))
+        peaks = list(pool.map(one, labels))
+    return {lab: p for lab, p in zip(labels, peaks, strict=True) if p is not None}
 
 
 def decode_times(labels: Sequence[str], context: int, new_tokens: int, rounds: int, *,
-                 quiet: bool = False) -> dict[str, list[float]]:
+                 quiet: bool = False, shape: str = "toy", compiled: bool = False) -> dict[str, list[float]]:
     """Seconds per generated token (greedy, KV cache, prefill excluded), one list entry per round.
 
     Each configuration prefills ``context`` tokens once (``use_cache=True``); every round then decodes
     ``new_tokens`` tokens one at a time from a deep copy of that prefilled cache, feeding back the argmax token.
     Every configuration decodes exactly the same number of steps over the same cache lengths.
+
+    ``compiled``: decode with ``torch.compile(model, dynamic=True)`` of every configuration (stock included; the
+    prefill stays eager). The warm-up decode compiles (about 40 s per configuration of the toy shape on a loaded
+    2-core CPU); ``dynamic=True`` so the growing cache does not recompile at the second step.
     """
     import torch
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, MODEL["vocab_size"], (1, context), generator=g)
+    ids = torch.randint(0, shape_config(shape)["vocab_size"], (1, context), generator=g)
     models, caches, firsts = {}, {}, {}
     with torch.no_grad():
         for lab in labels:
-            m = build_model(lab, train=False)
+            m = build_model(lab, train=False, shape=shape)
             out = m(ids, use_cache=True, logits_to_keep=1)
-            models[lab], caches[lab] = m, out.cache
+            models[lab], caches[lab] = (torch.compile(m, dynamic=True) if compiled else m), out.cache
             firsts[lab] = out.logits[:, -1:].argmax(-1)
             _log(f"  prefilled {lab} @{context}", quiet)
 
@@ -272,8 +376,11 @@ def decode_times(labels: Sequence[str], context: int, new_tokens: int, rounds: i
                 cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
             return (time.perf_counter() - t0) / new_tokens
 
-    for lab in labels:  # warm-up: one short decode each
+    for lab in labels:  # warm-up: one decode each (compiles, where compiled)
+        t0 = time.perf_counter()
         decode(lab)
+        if compiled:
+            _log(f"  compiled {lab} in {time.perf_counter() - t0:.0f} s", quiet)
     res: dict[str, list[float]] = {lab: [] for lab in labels}
     for r, order in enumerate(_rotations(list(labels), rounds)):
         for lab in order:
