@@ -52,6 +52,8 @@ DEFAULT_ROWS: tuple[str, ...] = ("none", "lora", *(f"{m}+attn" for m in ATTENTIO
 LR_GRID: dict[str, tuple[float, ...]] = {"attention": (3e-5, 1e-4, 3e-4), "lora": (1e-4, 3e-4, 1e-3),
                                          "alone": (3e-4, 1e-3, 3e-3)}
 SCHEDULES = ("paper", "linear")
+#: how many times a learning-rate grid is extended upwards (x3) when its best value is its largest
+EXTEND_LR = 2
 #: test settings: (name, hard distractors, gold position)
 TEST_SETTINGS: tuple[tuple[str, int, str], ...] = (
     ("k0", 0, "random"), ("k4", 4, "random"), ("k9-first", 9, "first"), ("k9-middle", 9, "middle"),
@@ -323,10 +325,17 @@ class Study:
         if base_key not in scores:
             scores[base_key] = self.answer_nll(self.base)
         lrs: dict[str, float] = {}
+        tried: dict[str, list[float]] = {}
         for protocol, baseline in row_protocols(self.cfg.rows).items():
             brow = parse_row(baseline)  # for "alone": the matched LoRA of the first method trained alone
-            grid = self.cfg.lr_grid[protocol]
-            lrs[protocol] = min(grid, key=lambda lr: (score(brow, lr, None), grid.index(lr)))  # noqa: B023
+            grid = list(self.cfg.lr_grid[protocol])
+            while True:
+                best = min(grid, key=lambda lr: (score(brow, lr, None), grid.index(lr)))  # noqa: B023
+                # an optimum at the grid's top edge is not a choice: extend upwards (3x) at most twice
+                if best != max(grid) or len(grid) >= len(self.cfg.lr_grid[protocol]) + EXTEND_LR:
+                    break
+                grid.append(float(f"{max(grid) * 3:.3g}"))
+            lrs[protocol], tried[protocol] = best, grid
         schedule = None
         lam = [parse_row(r) for r in self.cfg.rows if parse_row(r).method in registry.METHODS
                and registry.config_class(parse_row(r).method).uses_lambda_schedule]
@@ -337,7 +346,7 @@ class Study:
         elif lam:
             schedule = self.cfg.schedules[0]
         chosen = {"learning_rate": lrs, "lambda_schedule": schedule, "scores": scores,
-                  "decided_by": {p: b for p, b in row_protocols(self.cfg.rows).items()},
+                  "decided_by": {p: b for p, b in row_protocols(self.cfg.rows).items()}, "lr_tried": tried,
                   "schedule_decided_by": lam[0].label if lam and len(self.cfg.schedules) > 1 else None}
         _write_json(path, chosen)
         return chosen

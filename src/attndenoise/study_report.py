@@ -150,8 +150,11 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
               f"{sel['scores'].get('base', float('nan')):.4f}).", "",
               "| run | answer NLL |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sel["scores"].items() if k != "base"]
-    lines += ["", "Chosen learning rate per protocol: " + ", ".join(
-        f"{p} {lr:g} (decided by `{sel['decided_by'][p]}`)" for p, lr in sel["learning_rate"].items())
+    tried = {p: ", ".join(f"{x:g}" for x in v) for p, v in sel.get("lr_tried", {}).items()}
+    lines += ["", "Chosen learning rate per protocol (a grid whose best value was its largest was extended by 3x, "
+              "at most twice): " + ", ".join(
+                  f"{p} {lr:g} (decided by `{sel['decided_by'][p]}`; tried {tried.get(p, '?')})"
+                  for p, lr in sel["learning_rate"].items())
         + (f"; lambda schedule `{sel['lambda_schedule']}`" + (
             f" (decided by `{sel['schedule_decided_by']}`)" if sel.get("schedule_decided_by") else " (only one tried)")
            if sel.get("lambda_schedule") else "") + ".", ""]
