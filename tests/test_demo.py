@@ -35,35 +35,46 @@ def test_demo_runs_every_row_and_reports_what_it_measured(tmp_path: Path) -> Non
     assert rows[0].startswith("row 1/10 done: base (seed 0) in ")
     text = report.read_text()
     out = report.parent
-    for png in ("accuracy.png", "attention_to_gold.png", "needle_base.png"):
+    for png in ("protocols.png", "attention_to_gold.png", "needle_base.png"):
         assert (out / png).stat().st_size > 1000
     results = read_results(out)
     labels = {r.label for r in results}
-    assert labels == {"base", "sra", "none", "lora", "daa"}
+    assert labels == {"base", "sra", "none", "lora", "daa+attn"}  # daa in its paper's protocol
     assert len(results) == 2 * len(labels)  # every row, every seed
     # The table's cell for daa at noise 0.8 is the mean and std of what results.json holds for it.
-    vals = [q.exact_match for r in results if r.label == "daa" for q in r.qa if q.noise_ratio == 0.8]
+    vals = [q.exact_match for r in results if r.label == "daa+attn" for q in r.qa if q.noise_ratio == 0.8]
     mean = sum(vals) / 2
     sd = (sum((v - mean) ** 2 for v in vals)) ** 0.5  # sample std of 2 values: |a - b| / sqrt(2)
-    row = next(line for line in text.splitlines() if line.startswith("| daa |"))
+    row = next(line for line in text.splitlines() if line.startswith("| daa+attn |"))
     assert f"{mean:.3f} ± {sd:.3f}" in row
+    # The row shows its protocol, its trainable-parameter count (from run.json) and its needle score (forgetting).
+    run0 = json.loads((out / "runs" / "seed0" / "daa+attn" / "run.json").read_text())
+    assert run0["kind"] == "method+attn"
+    assert row.startswith(f"| daa+attn | attention | {run0['trainable_parameters']:,} |")
+    needle = [sum(c.exact_match for c in r.needle) / len(r.needle) for r in results if r.label == "daa+attn"]
+    nm = sum(needle) / 2
+    assert row.endswith(f" | {nm:.3f} ± {abs(needle[0] - needle[1]) / 2 ** 0.5:.3f} |")
+    assert "no pass-key examples" in text
     att = json.loads((out / "attention.json").read_text())
     assert set(att) == labels and all(len(v) == 2 for v in att.values())
-    for label in ("none", "lora", "daa"):
+    for label in ("none", "lora", "daa+attn"):
         assert (out / "runs" / "seed1" / label / "run.json").exists()
-    # Both verdict tables have their rows, and the per-method option chosen on validation is applied and reported.
-    assert any(line.startswith("| daa | none |") for line in text.splitlines())
-    assert any(line.startswith("| daa | base |") for line in text.splitlines())
-    assert any(line.startswith("| none | base |") for line in text.splitlines())
+    # Both verdict tables have their rows (within protocol: daa+attn against none, never against lora), and the
+    # per-method option chosen on validation is applied to the method's row and reported.
+    lines = text.splitlines()
+    assert any(line.startswith("| daa+attn | attention | ") and "| none |" in line for line in lines)
+    assert not any(line.startswith("| daa+attn |") and "| lora |" in line for line in lines)
+    assert any(line.startswith("| daa+attn | attention | ") and "| base |" in line for line in lines)
+    assert any(line.startswith("| none | attention | ") and "| base |" in line for line in lines)
+    assert any(line.startswith("| sra | inference | 0 | base | 0 |") for line in lines)
     assert "daa lambda_schedule=linear" in text
     assert "SRA runs on the base model with alpha_inter=0.25" in text
-    run = json.loads((out / "runs" / "seed0" / "daa" / "run.json").read_text())
-    assert run["config"]["method_options"]["lambda_schedule"] == "linear"
+    assert run0["config"]["method_options"]["lambda_schedule"] == "linear"
     # Training time is the training loop's, read from each seed's run.json.
-    secs = [json.loads((out / "runs" / f"seed{i}" / "daa" / "run.json").read_text())["seconds"] for i in (0, 1)]
+    secs = [json.loads((out / "runs" / f"seed{i}" / "daa+attn" / "run.json").read_text())["seconds"] for i in (0, 1)]
     m = sum(secs) / 2
-    time_row = [line for line in text.splitlines() if line.startswith("| daa |")][-1]
-    assert time_row == f"| daa | {m:.1f} ± {abs(secs[0] - secs[1]) / 2 ** 0.5:.1f} |"
+    time_row = [line for line in lines if line.startswith("| daa+attn |")][-1]
+    assert time_row == f"| daa+attn | {m:.1f} ± {abs(secs[0] - secs[1]) / 2 ** 0.5:.1f} |"
 
 
 def test_gold_share_is_only_given_for_unsigned_maps() -> None:
@@ -74,11 +85,11 @@ def test_gold_share_is_only_given_for_unsigned_maps() -> None:
 def test_demo_reuses_finished_runs_and_refuses_other_settings(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     run_demo(cfg)
-    run_json = tmp_path / "out" / "runs" / "seed0" / "daa" / "run.json"
+    run_json = tmp_path / "out" / "runs" / "seed0" / "daa+attn" / "run.json"
     stamp = run_json.stat().st_mtime_ns
     report = run_demo(cfg)
     assert run_json.stat().st_mtime_ns == stamp  # reused, not retrained
-    assert "3 finished training run(s) were reused" in report.read_text()  # none, lora, daa
+    assert "3 finished training run(s) were reused" in report.read_text()  # none, lora, daa+attn
     with pytest.raises(FileExistsError, match="other settings"):
         run_demo(_config(tmp_path, steps=4))
 
@@ -95,6 +106,7 @@ def test_demo_config_errors_name_the_accepted_values(tmp_path: Path) -> None:
 def test_demo_learning_rate_overrides_apply_per_row_and_are_checked(tmp_path: Path) -> None:
     cfg = _config(tmp_path, learning_rate=2e-3, learning_rates={"daa": 5e-4})
     assert cfg.learning_rate_for("daa") == 5e-4
+    assert cfg.learning_rate_for("daa+attn") == 2e-3  # within the attention protocol: none's rate
     assert cfg.learning_rate_for("none") == 2e-3
     assert _config(tmp_path).learning_rate_for("opamp") == 5e-4  # the default override, even when opamp is not run
     with pytest.raises(ValueError, match="unknown row"):

@@ -202,3 +202,36 @@ def test_two_map_flag_is_the_methods_own() -> None:
     # DAA, DiffQ, DiffK, DIFF, OpAmp and both DINTs combine two softmax maps; DiffV and DEX one, SRA re-weights one
     assert benchmark.TWO_MAP == {"daa", "diffq", "diffk", "diff", "opamp", "dint", "lowrank_dint"}
     assert registry.trainable_methods() == sorted(set(registry.METHODS) - {"sra"})
+
+
+def test_method_lr_trains_the_method_at_its_own_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``method_lr``: at the run's own rate it is the run without it (the Trainer's AdamW); at a negligible rate the
+    method's parameters stay put while the projections train as in a run whose method cannot move."""
+    from attndenoise.models import load_model_and_tokenizer
+    from attndenoise.patch import method_modules
+    from attndenoise.train import train
+
+    monkeypatch.setenv("ATTNDENOISE_CACHE", str(tmp_path / "cache"))
+
+    def run(name: str, **kw: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[float]]:
+        m, tok = load_model_and_tokenizer("tiny")
+        r = train(model=m, tokenizer=tok, method="daa", attention=True, steps=3, batch_size=2, learning_rate=1e-3,
+                  logging_steps=1, out=str(tmp_path / name), progress=False, **kw)
+        meth = {n: p.detach().clone() for i, mod in method_modules(r.model).items() for n, p in mod.named_parameters()}
+        proj = {n: p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad and "q_proj" in n}
+        return meth, proj, [h["loss"] for h in r.run["loss_history"]]
+
+    m0, p0, l0 = run("plain")
+    m1, p1, l1 = run("same", method_lr=1e-3)
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    assert all(torch.allclose(m0[k], m1[k], atol=1e-7) for k in m0)
+    m2, _, _ = run("slow", method_lr=1e-12)
+    fresh, _ = load_model_and_tokenizer("tiny")
+    import attndenoise as ad
+
+    ad.apply(fresh, ad.registry.config_for("daa", anneal_steps=3))
+    init = {n: p.detach() for mod in method_modules(fresh).values() for n, p in mod.named_parameters()}
+    assert all(torch.allclose(m2[k], init[k], atol=1e-8) for k in m2)  # the method barely moved
+    assert any(not torch.allclose(m0[k], init[k], atol=1e-6) for k in m0)  # at 1e-3 it did
+    with pytest.raises(Exception, match="method_lr sets the method's own rate"):
+        train(method="daa", method_lr=1e-3, out=str(tmp_path / "x"), progress=False)

@@ -1,17 +1,29 @@
 """``attndenoise demo``: does denoising help on the embedded default? Train every method, measure, report.
 
-What one run does (issue 7; every step uses the public API, so the demo is also a worked example):
+What one run does (issues 7 and 14; every step uses the public API, so the demo is also a worked example):
 
 1. build or reuse the embedded tiny model (:func:`attndenoise.tiny.tiny_model_path`);
-2. for each seed, train plain fine-tuning of the attention projections (``none``), LoRA (``lora``) and every
-   trainable method in :data:`attndenoise.METHODS` with :func:`attndenoise.train`, on the same synthetic noisy-context
-   data (noise ratio ``train_noise``), the same number of steps, batch size and learning rate;
+2. for each seed, train the rows with :func:`attndenoise.train`, on the same synthetic noisy-context data (noise ratio
+   ``train_noise``), the same number of steps and batch size. Rows are named as in :mod:`attndenoise.study`
+   (:func:`attndenoise.study.parse_row`), one training protocol each, compared only with that protocol's baseline:
+
+   * ``<method>+attn`` -- the method and the attention projections (q/k/v/o) train together, the DAA paper's
+     protocol; baseline ``none`` (the projections alone);
+   * ``<method>+lora`` -- the method trains beside a LoRA, as OpAmp trains with QLoRA; baseline ``lora``;
+   * ``<method>`` -- only the method's parameters train; baseline ``lora~<method>``, a LoRA whose rank gives about
+     the method's trainable-parameter count (:func:`matched_lora_rank`).
+
+   By default each trainable method runs in the protocol its paper used (:func:`paper_row`: OpAmp with LoRA, the
+   others with the attention projections), plus ``none`` and ``lora``; ``all_protocols`` runs every method in every
+   protocol;
 3. apply SRA (inference only) to the base model;
 4. evaluate the base model, SRA and every trained model with :func:`attndenoise.evaluate.evaluate_model`: noisy-QA
-   accuracy at ``eval_noise`` ratios, the needle grid, and the SPEC 9 attention-to-gold measures
-   (:func:`attndenoise.measures.dataset_attention`) on the same examples for every model;
-5. write ``report.md`` (tables with mean and spread across seeds, and which methods beat plain fine-tuning at noise
-   >= 0.8 beyond the seed spread), ``results.json`` / ``results.csv``, ``attention.json`` and PNG plots.
+   accuracy at ``eval_noise`` ratios, the needle grid (pass-key retrieval: the training data has none, so it measures
+   forgetting), and the SPEC 9 attention-to-gold measures (:func:`attndenoise.measures.dataset_attention`) on the
+   same examples for every model;
+5. write ``report.md`` (tables with mean and spread across seeds, each row's protocol and trainable-parameter count,
+   and which rows beat their own protocol's baseline at noise >= 0.8 beyond the seed spread), ``results.json`` /
+   ``results.csv``, ``attention.json`` and PNG plots (``protocols.png``: bars per protocol).
 
 Everything is keyed by seed: the base model, the training data and the evaluation examples are the same for every
 method of a seed, so differences between rows come from the methods alone. Finished training runs are reused when the
@@ -21,6 +33,7 @@ run only trains the new seeds.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -30,25 +43,34 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import registry
-from .data import SyntheticQA, noisy_examples
+from .data import SyntheticQA, noisy_examples, num_distractors
 from .evaluate import EvalResults, evaluate_model, write_results
 from .measures import AttentionMeasures, dataset_attention
 from .patch import apply
-from .plots import plot_accuracy, plot_attention_to_gold, plot_needle
+from .plots import plot_attention_to_gold, plot_needle, plot_protocol_bars
 from .progress import eta_seconds, format_seconds
+from .study import DEFAULT_ROWS, Row, full_rows, parse_row
 from .tiny import tiny_model_path
-from .train import RUN_FILE, TrainConfig, load_trained, train
+from .train import RUN_FILE, TrainConfig, load_trained, projection_modules, train
 
 BASELINES = ("none", "lora")
 #: the label of the untouched base model in tables and plots
 BASE_LABEL = "base"
+#: protocol -> what it trains and what it is compared with (report and plot titles)
+PROTOCOLS: dict[str, str] = {
+    "attention": "method + q/k/v/o fine-tuning, vs none",
+    "lora": "method + LoRA, vs lora",
+    "alone": "method alone, vs a LoRA of matched size",
+    "inference": "inference only, vs base",
+}
+_ORDER = tuple(PROTOCOLS)
 
 
 def trainable_methods() -> list[str]:
@@ -60,6 +82,43 @@ def inference_methods() -> list[str]:
     return sorted(n for n, c in registry.METHODS.items() if not c.trainable)
 
 
+def paper_row(method: str) -> str:
+    """The row of ``method`` in the protocol its paper used (:data:`attndenoise.study.DEFAULT_ROWS`: OpAmp with
+    LoRA, the differential methods with the attention projections); ``<method>+attn`` for a method not listed there."""
+    for label in DEFAULT_ROWS:
+        row = parse_row(label)
+        if row.baseline is not None and row.method == method:
+            return label
+    return f"{method}+attn"
+
+
+def protocol_of(label: str) -> str:
+    """``attention``, ``lora``, ``alone`` (:func:`attndenoise.study.parse_row`), ``inference`` for the base and SRA."""
+    if label == BASE_LABEL or label in inference_methods():
+        return "inference"
+    return parse_row(label).protocol
+
+
+def baseline_of(label: str) -> str | None:
+    """The row a row is judged against: its own protocol's baseline (``<m>+attn`` -> ``none``, ``<m>+lora`` ->
+    ``lora``, ``<m>`` -> ``lora~<m>``), the base model for inference-only rows, ``None`` for baselines and base."""
+    if label == BASE_LABEL:
+        return None
+    if label in inference_methods():
+        return BASE_LABEL
+    return parse_row(label).baseline
+
+
+def _row_method(row: Row) -> str | None:
+    """The method a row is about: its own method, or the one a matched LoRA matches; ``None`` for none / lora."""
+    return row.matched or (row.method if row.method not in BASELINES else None)
+
+
+def _order_key(label: str) -> tuple[int, int]:
+    """Protocols in :data:`PROTOCOLS` order, each baseline first (a matched LoRA just before its method)."""
+    return _ORDER.index(protocol_of(label)), 0 if baseline_of(label) is None else 1
+
+
 @dataclass
 class DemoConfig:
     """Settings of a demo run (recorded in ``demo_out/settings.json``).
@@ -69,14 +128,23 @@ class DemoConfig:
     Attributes:
         out: output directory. seeds: how many seeds (each seed: its own training data order, initialisation of
             LoRA/method parameters and evaluation examples).
-        methods: trainable methods to train (default: all of them); baselines ``none`` and ``lora`` always run.
-        steps / batch_size / learning_rate / max_length: the training budget, the same for every method.
+        methods: trainable methods to train (default: all of them), each in the protocol its paper used
+            (:func:`paper_row`); baselines ``none`` and ``lora`` always run.
+        all_protocols: train every chosen method in every protocol instead: ``<m>+attn``, ``<m>+lora``, ``<m>``
+            alone and its matched LoRA ``lora~<m>`` (``attndenoise demo --all-protocols``).
+        steps / batch_size / learning_rate / max_length: the training budget, the same for every row.
         train_noise: noise ratio of the training contexts (0.8 = four distractors per gold document).
         train_noise_mix: a noise mix instead: each training example gets a ratio drawn from this list (seeded);
             ``None`` trains at ``train_noise`` only.
-        method_options: per-method config overrides, ``{"daa": {"anneal_steps": 50}}``.
-        learning_rates: per-row learning-rate overrides, ``{"opamp": 5e-4}`` (chosen on a validation split; every
-            row still gets the same steps, batch size and data); rows not named use ``learning_rate``.
+        method_options: per-method config overrides, ``{"daa": {"anneal_steps": 50}}``; a method's entry applies
+            to every row of that method (``daa+attn``, ``daa+lora``, ``daa``), an entry keyed by a row label
+            (``"daa+lora"``) adds to it for that row alone.
+        learning_rates: learning-rate overrides keyed by row label, ``{"opamp": 5e-4}`` (OpAmp; chosen on a
+            validation split; every row still gets the same steps, batch size and data): a row takes its own
+            label's entry, else its protocol baseline's (``+attn`` rows ``none``'s, ``+lora`` rows and matched
+            LoRAs ``lora``'s), else ``learning_rate``. A method's entry is the rate of that method's own
+            parameters in every row of it (alone: the whole run; ``+attn`` / ``+lora``: ``method_lr``, beside
+            the projections or the LoRA at the baseline's rate).
         eval_noise: noise ratios of the QA evaluation. n_eval: QA examples per ratio.
         context_lengths / depths / needle_n: the needle grid.
         attention_examples: examples (at noise ``attention_noise``) for the attention-to-gold measures.
@@ -92,6 +160,7 @@ class DemoConfig:
     out: str = "demo_out"
     seeds: int = 1
     methods: Sequence[str] | None = None
+    all_protocols: bool = False
     steps: int = 150
     batch_size: int = 16
     learning_rate: float = 2e-3
@@ -144,9 +213,15 @@ class DemoConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # The default override names opamp; running a subset of methods without it must not fail.
-        unknown_lr = sorted(set(self.learning_rates) - {*BASELINES, *trainable_methods()})
+        unknown_lr = sorted(k for k in self.learning_rates if k not in known and not _is_row(k))
         if unknown_lr:
-            raise ValueError(f"learning_rates names unknown row(s): {', '.join(unknown_lr)}")
+            raise ValueError(f"learning_rates names unknown row(s): {', '.join(unknown_lr)}; give a row label "
+                             "(none, lora, <m>+attn, <m>+lora, <m>, lora~<m>) or a trainable method")
+        bad_opts = sorted(k for k in self.method_options if k not in known and not (
+            _is_row(k) and parse_row(k).method not in BASELINES))
+        if bad_opts:
+            raise ValueError(f"method_options names unknown method(s) or row(s): {', '.join(bad_opts)}; give a "
+                             f"trainable method ({', '.join(known)}) or a row with one (<m>+attn, <m>+lora, <m>)")
         if any(not lr > 0 for lr in self.learning_rates.values()):
             raise ValueError("learning_rates must be positive")
         if self.train_noise_mix is not None and not list(self.train_noise_mix):
@@ -156,12 +231,58 @@ class DemoConfig:
                 raise ValueError(f"noise ratios must be in [0, 1), got {r}")
 
     def learning_rate_for(self, label: str) -> float:
-        """The learning rate of a trained row: its ``learning_rates`` override, else ``learning_rate``."""
-        return float(self.learning_rates.get(label, self.learning_rate))
+        """The learning rate of a trained row: the override keyed by its own label, else its protocol baseline's
+        (a ``+attn`` row trains at ``none``'s rate, a ``+lora`` row and a matched LoRA at ``lora``'s: a comparison
+        within a protocol never mixes learning rates), else ``learning_rate``. ``{"opamp": 5e-4}`` is the rate of
+        OpAmp trained alone."""
+        row = parse_row(label)
+        baseline = "lora" if row.matched else (row.baseline if row.protocol != "alone" else None)
+        for key in (label, baseline):
+            if key is not None and key in self.learning_rates:
+                return float(self.learning_rates[key])
+        return float(self.learning_rate)
+
+    def method_lr_for(self, label: str) -> float | None:
+        """For a ``+attn`` / ``+lora`` row of a method with its own ``learning_rates`` entry: that rate for the
+        method's parameters (``TrainConfig.method_lr``), the projections or LoRA keeping the baseline's rate."""
+        row = parse_row(label)
+        if row.protocol in ("attention", "lora") and row.baseline is not None and row.method in self.learning_rates:
+            return float(self.learning_rates[row.method])
+        return None
+
+    def method_options_for(self, label: str) -> dict[str, Any]:
+        """The method config overrides of a trained row: lambda annealing over the first half of the budget (the
+        library default, 1000 steps, would leave lambda near 0 for a short demo run), then the method's
+        ``method_options`` entry, then the row label's own entry; nothing for the baselines and matched LoRAs."""
+        row = parse_row(label)
+        if row.method in BASELINES:
+            return {}
+        own = self.method_options.get(label, {}) if label != row.method else {}
+        return {"anneal_steps": max(1, self.steps // 2), **self.method_options.get(row.method, {}), **own}
+
+    def trained_rows(self) -> list[str]:
+        """The trained rows in report order (protocol by protocol, each baseline first): ``none``, ``lora`` and
+        each method in its paper's protocol, or with ``all_protocols`` every method in every protocol."""
+        chosen = list(self.methods or ())
+        if self.all_protocols:
+            picked = [r for r in full_rows() if _row_method(parse_row(r)) in chosen or r in BASELINES]
+        else:
+            picked = [*BASELINES, *(paper_row(m) for m in chosen)]
+        rank = {m: i for i, m in enumerate(chosen)}
+        return sorted(dict.fromkeys(picked), key=lambda r: (
+            _order_key(r)[0], r not in BASELINES, rank.get(_row_method(parse_row(r)) or "", -1), _order_key(r)[1]))
 
     def labels(self) -> list[str]:
-        """Row labels in report order: base, inference-only methods, baselines, trainable methods."""
-        return [BASE_LABEL, *inference_methods(), *BASELINES, *self.methods]  # type: ignore[misc]
+        """Row labels in report order: base, inference-only methods, then :meth:`trained_rows`."""
+        return [BASE_LABEL, *inference_methods(), *self.trained_rows()]
+
+
+def _is_row(label: str) -> bool:
+    try:
+        parse_row(label)
+    except ValueError:
+        return False
+    return True
 
 
 Progress = Callable[[str], None]
@@ -178,23 +299,40 @@ def _load_base(path: Path) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int,
-                    run_dir: Path) -> tuple[nn.Module, Any, dict[str, Any], bool]:
-    """A trained model for ``label``, its tokenizer, the run's ``run.json`` content and whether the run was reused:
-    reuse a finished run with the same settings, else train it now."""
-    tconf = TrainConfig(
-        model=str(base), method=label, data="synthetic", out=str(run_dir), noise=cfg.train_noise,
+def train_config(cfg: DemoConfig, base: Path, label: str, seed: int, run_dir: Path,
+                 lora_rank: int | None = None) -> TrainConfig:
+    """The :class:`attndenoise.train.TrainConfig` of one demo row: its protocol decides the kind
+    (``<m>+attn``: ``attention=True``, ``<m>+lora``: ``lora=True``, ``lora~<m>``: plain LoRA of rank ``lora_rank``)."""
+    row = parse_row(label)
+    return TrainConfig(
+        model=str(base), method=row.method, data="synthetic", out=str(run_dir), noise=cfg.train_noise,
         noise_mix=None if cfg.train_noise_mix is None else [float(r) for r in cfg.train_noise_mix], steps=cfg.steps,
-        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate_for(label), max_length=cfg.max_length, seed=seed,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate_for(label),
+        method_lr=cfg.method_lr_for(label), max_length=cfg.max_length, seed=seed,
         synthetic_examples=cfg.synthetic_examples, save_steps=cfg.steps, save_total_limit=1,
-        method_options=_method_options(cfg, label), progress=False,
+        method_options=cfg.method_options_for(label), progress=False,
+        attention=row.protocol == "attention" and row.method != "none",
+        lora=row.protocol == "lora" and row.method != "lora",
+        lora_rank=TrainConfig.lora_rank if lora_rank is None else lora_rank,
     )
+
+
+_TRAIN_DEFAULTS = TrainConfig().to_dict()
+
+
+def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int, run_dir: Path,
+                    lora_rank: int | None = None) -> tuple[nn.Module, Any, dict[str, Any], bool]:
+    """A trained model for ``label``, its tokenizer, the run's ``run.json`` content and whether the run was reused:
+    reuse a finished run with the same settings, else train it now. A setting that a run recorded before the field
+    existed counts as the field's default (``attention`` / ``lora`` were added later: a run of the demo's earlier
+    method-alone rows is still reused by the ``<m>`` row)."""
+    tconf = train_config(cfg, base, label, seed, run_dir, lora_rank)
     run_file = run_dir / RUN_FILE
     if run_file.exists():
         run = json.loads(run_file.read_text())
         recorded = run.get("config", {})
         wanted = {k: v for k, v in tconf.to_dict().items() if k not in ("progress", "resume", "force_resume")}
-        if all(recorded.get(k) == v for k, v in wanted.items()):
+        if all(recorded.get(k, _TRAIN_DEFAULTS.get(k)) == v for k, v in wanted.items()):
             model, tokenizer = _load_base(base)
             return load_trained(model, run_dir).eval(), tokenizer, run, True
         raise FileExistsError(f"{run_dir} holds a run with other settings; remove it or choose another --out")
@@ -203,12 +341,16 @@ def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int,
     return result.model.eval(), tokenizer, result.run, False
 
 
-def _method_options(cfg: DemoConfig, label: str) -> dict[str, Any]:
-    """The method's config overrides; by default the lambda schedule anneals over the first half of the budget
-    (the library default, 1000 steps, would leave lambda near 0 for a short demo run)."""
-    if label in BASELINES:
-        return {}
-    return {"anneal_steps": max(1, cfg.steps // 2), **cfg.method_options.get(label, {})}
+def matched_lora_rank(model: nn.Module, method: str, options: dict[str, Any] | None = None) -> int:
+    """The LoRA rank whose trainable-parameter count on every attention projection is nearest ``method``'s own
+    (trained alone, with ``options``): the baseline ``lora~<method>`` of the method-alone protocol. The same count as
+    :meth:`attndenoise.study.Study.matched_rank`, on every layer (the demo trains all of them)."""
+    probe = copy.deepcopy(model).requires_grad_(False)
+    apply(probe, registry.config_for(method, **(options or {})))
+    count = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    weights = [cast(torch.Tensor, m.weight) for m in projection_modules(model).values()]
+    per_rank = sum(int(w.shape[0]) + int(w.shape[1]) for w in weights)
+    return max(1, round(count / per_rank))
 
 
 def _attention_examples(cfg: DemoConfig, seed: int) -> list[Any]:
@@ -243,6 +385,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
     results: list[EvalResults] = []
     attention: dict[str, list[AttentionMeasures]] = {}
     train_seconds: dict[str, list[float]] = {}
+    params: dict[str, int] = {BASE_LABEL: 0, **{m: 0 for m in inference_methods()}}
+    ranks: dict[str, int] = {}  # lora~<m> -> its LoRA rank
     reused = 0  # training runs found finished in `out` (their time is not in this invocation's total)
     labels = cfg.labels()
     # One progress line per finished row with elapsed time and ETA; a trained row costs far more than an evaluated
@@ -252,6 +396,14 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
     remaining = {k: cfg.seeds * sum(v == k for v in kind.values()) for k in ("evaluated", "trained")}
     row_seconds: dict[str, list[float]] = {"evaluated": [], "trained": []}
     rows_total, rows_done = cfg.seeds * len(labels), 0
+    matched = [lab for lab in cfg.trained_rows() if parse_row(lab).matched]
+    if matched:
+        probe, _ = _load_base(base)
+        for lab in matched:
+            m = parse_row(lab).matched
+            assert m is not None
+            ranks[lab] = matched_lora_rank(probe, m, cfg.method_options_for(m))
+        del probe
     for seed in range(cfg.seeds):
         att_examples = _attention_examples(cfg, seed)
         for label in labels:
@@ -264,8 +416,10 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
             else:
                 _log(progress, f"seed {seed}: training {label} ({cfg.steps} steps)")
                 model, tokenizer, run, was_reused = _train_or_reuse(
-                    cfg, base, label, seed, out / "runs" / f"seed{seed}" / label)
+                    cfg, base, label, seed, out / "runs" / f"seed{seed}" / label, ranks.get(label))
                 reused += was_reused
+                if run.get("trainable_parameters") is not None:
+                    params.setdefault(label, int(run["trainable_parameters"]))
                 # The training loop's own time, recorded in run.json: the same whether this call trained the run or
                 # reused it (wall time here would mix training with a reload).
                 train_seconds.setdefault(label, []).append(float(run["seconds"]))
@@ -292,7 +446,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
     (out / "attention.json").write_text(json.dumps(
         {k: [dataclasses.asdict(m) for m in v] for k, v in attention.items()}, indent=2) + "\n")
     plots = {
-        "accuracy": plot_accuracy(results, out / "accuracy.png", title="Noisy-context QA, exact match"),
+        "protocols": plot_protocols(cfg, results, out / "protocols.png"),
         "attention": plot_attention_to_gold({k: _mean_measures(v) for k, v in attention.items()},
                                             out / "attention_to_gold.png"),
         "needle_base": plot_needle(results[0], out / "needle_base.png", title="Needle retrieval: base model"),
@@ -300,9 +454,39 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
     total = time.perf_counter() - start
     report = out / "report.md"
     report.write_text(render_report(cfg, results, attention, train_seconds, plots, total,
-                                     base_seconds=base_seconds, reused=reused) + "\n")
+                                     base_seconds=base_seconds, reused=reused, params=params, ranks=ranks,
+                                     load_average=os.getloadavg()[0]) + "\n")
     _log(progress, f"done in {total:.0f} s: {report}")
     return report
+
+
+def protocol_panels(labels: Sequence[str]) -> dict[str, list[str]]:
+    """Panel title -> rows, one panel per protocol present (:data:`PROTOCOLS`), rows in report order."""
+    panels: dict[str, list[str]] = {}
+    for protocol, title in PROTOCOLS.items():
+        mine = [lab for lab in labels if lab != BASE_LABEL and protocol_of(lab) == protocol]
+        if mine:
+            panels[title] = mine
+    return panels
+
+
+def noise_label(ratio: float) -> str:
+    """A noise ratio with its number of distractors per gold document, for plot axes: ``0.9 (9)``."""
+    return f"{ratio:g} ({num_distractors(ratio)})"
+
+
+def plot_protocols(cfg: DemoConfig, results: Sequence[EvalResults], path: Path) -> Path:
+    """The demo's accuracy figure: one panel per protocol, each row a bar per noise ratio (mean over seeds, error bar
+    one s.d.), the base as the hatched reference bar in every panel (:func:`attndenoise.plots.plot_protocol_bars`)."""
+    labels = [lab for lab in cfg.labels() if any(r.label == lab for r in results)]
+    keys = {lab: _row_method(parse_row(lab)) or lab for lab in labels if protocol_of(lab) != "inference"}
+    return plot_protocol_bars(
+        results, protocol_panels(labels), path, reference=BASE_LABEL,
+        baselines=[lab for lab in labels if protocol_of(lab) != "inference" and baseline_of(lab) is None],
+        groups=cfg.eval_noise, group_label=noise_label, colour_key=keys,
+        xlabel="noise ratio (distractors)",
+        title=f"Noisy-context QA, exact match, {cfg.n_eval} questions per ratio and seed, {cfg.seeds} seed(s); "
+              "groups: noise ratio (distractors per gold document)")
 
 
 def _mean_measures(items: Sequence[AttentionMeasures]) -> AttentionMeasures:
@@ -354,7 +538,10 @@ def _train_noise_text(cfg: DemoConfig) -> str:
 def _lr_overrides_text(cfg: DemoConfig) -> str:
     if not cfg.learning_rates:
         return ""
-    return " (" + ", ".join(f"{k}: {v}" for k, v in sorted(cfg.learning_rates.items())) + ")"
+    known = trainable_methods()
+    rates = ", ".join(f"{k}{' parameters in every ' + k + ' row' if k in known else ''}: {v}"
+                      for k, v in sorted(cfg.learning_rates.items()))
+    return f" ({rates}; within a protocol the projections and LoRA train at the baseline's rate)"
 
 
 def _gold_share(gold: Sequence[float], noise: Sequence[float]) -> str:
@@ -365,33 +552,88 @@ def _gold_share(gold: Sequence[float], noise: Sequence[float]) -> str:
 
 
 def _options_text(cfg: DemoConfig) -> str:
-    used = {m: o for m, o in sorted(cfg.method_options.items()) if o and m in (cfg.methods or ())}
+    rows = cfg.trained_rows()
+    methods = {parse_row(r).method for r in rows}
+    used = {k: o for k, o in sorted(cfg.method_options.items()) if o and (k in methods or k in rows)}
     if not used:
         return ""
     parts = [m + " " + ", ".join(f"{k}={v}" for k, v in sorted(o.items())) for m, o in used.items()]
-    return "; method options (chosen on a validation split): " + "; ".join(parts)
+    return ("; method options (chosen on a validation split with the method trained alone; an option named by "
+            "method applies to every row of that method): " + "; ".join(parts))
 
 
-def _verdict_table(by: dict[str, list[EvalResults]], ratios: Sequence[float],
-                   rows: Sequence[tuple[str, str]]) -> list[str]:
+def verdict_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
+    """``(row, baseline)`` for every row of ``labels`` whose own protocol's baseline (:func:`baseline_of`) is among
+    them too, in ``labels`` order: ``<m>+attn`` with ``none``, ``<m>+lora`` with ``lora``, ``<m>`` with
+    ``lora~<m>``, an inference-only method with the base. Rows are never compared across protocols."""
+    present = set(labels)
+    return [(lab, b) for lab in labels if (b := baseline_of(lab)) is not None and b in present]
+
+
+def _params_text(params: dict[str, int], label: str) -> str:
+    n = params.get(label)
+    return "?" if n is None else f"{n:,}"
+
+
+def _verdict_table(by: dict[str, list[EvalResults]], ratios: Sequence[float], rows: Sequence[tuple[str, str]],
+                   params: dict[str, int] | None = None) -> list[str]:
+    """One line per (row, reference) pair at every noise ratio >= 0.8 (:func:`_beats`), with each row's protocol and
+    trainable-parameter count and its reference's."""
+    params = params or {}
     high = [r for r in ratios if r >= 0.8]
-    lines = ["| model | compared with | " + " | ".join(f"noise {r}" for r in high) + " |",
-             "|---|---|" + "---|" * len(high)]
+    lines = ["| row | protocol | trainable params | compared with | its params | "
+             + " | ".join(f"noise {r}" for r in high) + " |", "|---|---|---|---|---|" + "---|" * len(high)]
     for label, ref_label in rows:
         if label not in by or ref_label not in by:
             continue
         cells = [_beats(_qa(by[label], r, "exact_match"), _qa(by[ref_label], r, "exact_match")) for r in high]
-        lines.append(f"| {label} | {ref_label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {protocol_of(label)} | {_params_text(params, label)} | {ref_label} | "
+                     f"{_params_text(params, ref_label)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _verdict_summary(by: dict[str, list[EvalResults]], ratios: Sequence[float],
+                     rows: Sequence[tuple[str, str]]) -> str:
+    high = [r for r in ratios if r >= 0.8]
+    better: list[str] = []
+    worse: list[str] = []
+    judged = False
+    for label, ref in rows:
+        if label not in by or ref not in by:
+            continue
+        for r in high:
+            cand, base = _qa(by[label], r, "exact_match"), _qa(by[ref], r, "exact_match")
+            judged |= len(cand) > 1 and len(base) > 1
+            v = _beats(cand, base)
+            if v.startswith("**yes**"):
+                better.append(f"{label} at {r}")
+            elif v.startswith("no, worse"):
+                worse.append(f"{label} at {r}")
+    if not judged:
+        return "One seed: there is no spread to judge by (run `--seeds 3`)."
+    return ("Beyond the seed spread, better than its own protocol's baseline: " + (", ".join(better) or "none")
+            + "; worse: " + (", ".join(worse) or "none") + ".")
+
+
+def _needle_means(rs: Sequence[EvalResults]) -> list[float]:
+    return [statistics.fmean(c.exact_match for c in r.needle) for r in rs if r.needle]
 
 
 def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: dict[str, list[AttentionMeasures]],
                   train_seconds: dict[str, list[float]], plots: dict[str, Path], total: float, *,
-                  base_seconds: float | None = None, reused: int = 0) -> str:
-    """``report.md``: settings, QA accuracy per noise ratio, needle, attention to gold, verdicts, timings."""
+                  base_seconds: float | None = None, reused: int = 0, params: dict[str, int] | None = None,
+                  ranks: dict[str, int] | None = None, load_average: float | None = None) -> str:
+    """``report.md``: settings, QA accuracy per noise ratio with each row's protocol, trainable parameters and needle
+    score (forgetting), within-protocol verdicts, attention to gold, timings."""
     by = _by_label(results)
     ratios = list(cfg.eval_noise)
     seeds = cfg.seeds
+    params = params or {}
+    ranks = ranks or {}
+    labels = cfg.labels()
+    rows_text = ("every method in every protocol (`--all-protocols`)" if cfg.all_protocols
+                 else "each method in the protocol its paper used (`--all-protocols` runs every method in every one)")
+    matched_text = "".join(f"; `{lab}` has rank {r}" for lab, r in ranks.items())
     lines = [
         "# attndenoise demo report",
         "",
@@ -403,51 +645,71 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
         f"Evaluation: {cfg.n_eval} held-out "
         "questions per noise ratio (the same for every row of a seed), greedy decoding. SRA runs on the base model "
         "with " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.sra_options.items())) + ".",
-        f"Total time {total:.0f} s on {os.cpu_count()} CPU core(s), torch {torch.__version__}"
+        f"Total time {total:.0f} s on {os.cpu_count()} CPU core(s), torch {torch.__version__} with "
+        f"{cfg.threads or torch.get_num_threads()} thread(s)"
         + ("" if base_seconds is None else f", of which {base_seconds:.0f} s to build or load the base model")
+        + ("" if load_average is None else f"; load average {load_average:.2f} at the end")
         + (f"; {reused} finished training run(s) were reused from an earlier invocation." if reused else "."),
+        "",
+        "## Protocols",
+        "",
+        f"Rows: {rows_text}, and the baselines. Each row is compared only with its own protocol's baseline, trained "
+        "on the same data, steps and seeds:",
+        "",
+        "- `attention`: `<method>+attn`, the method and the attention projections (q/k/v/o) train together (the DAA "
+        "paper's protocol); baseline `none`, the projections alone;",
+        "- `lora`: `<method>+lora`, the method trains beside a LoRA (as OpAmp trains with QLoRA); baseline `lora`;",
+        "- `alone`: `<method>`, only the method's own parameters train; baseline `lora~<method>`, a LoRA whose rank "
+        f"gives about the same trainable-parameter count{matched_text};",
+        "- `inference`: the base and SRA (no training); SRA is compared with the base.",
         "",
         "## Noisy-context QA, exact match",
         "",
-        "| model | " + " | ".join(f"noise {r}" for r in ratios) + " | F1 @ 0.9 | lenient @ 0.9 |",
-        "|---|" + "---|" * (len(ratios) + 2),
+        f"Needle: pass-key retrieval exact match, mean over the grid of {list(cfg.context_lengths)} tokens x depths "
+        f"{list(cfg.depths)} ({cfg.needle_n} needles per cell). The training data (synthetic QA) has no pass-key "
+        "examples, so a row's needle score below the base's is what its training made the model forget: the "
+        "forgetting column.",
+        "",
     ]
     top = max(ratios)
-    for label in cfg.labels():
+    lines += ["| row | protocol | trainable params | " + " | ".join(f"noise {r}" for r in ratios)
+              + f" | F1 @ {top} | lenient @ {top} | needle (forgetting) |",
+              "|---|---|---|" + "---|" * (len(ratios) + 3)]
+    for label in labels:
         rs = by.get(label, [])
         if not rs:
             continue
         cells = [_fmt(_qa(rs, r, "exact_match")) for r in ratios]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(_qa(rs, top, 'f1'))} | "
-                     f"{_fmt(_qa(rs, top, 'lenient'))} |")
-    lines += ["", f"![accuracy]({plots['accuracy'].name})", "",
-              "## Does a method beat plain fine-tuning (`none`) at noise >= 0.8?", "",
-              "A trained row beats `none` when its mean exact match exceeds `none`'s by more than the two seed "
-              "standard deviations added. Inference-only rows (SRA) are compared with the base model they run on.", ""]
-    trained = [lab for lab in cfg.labels() if lab not in (BASE_LABEL, "none", *inference_methods())]
-    lines += _verdict_table(by, ratios, [(lab, "none") for lab in trained]
-                            + [(lab, BASE_LABEL) for lab in inference_methods()])
-    lines += ["", "## Does training help at all? Every trained row against the base model", "",
+        needle = _needle_means(rs)
+        lines.append(f"| {label} | {protocol_of(label)} | {_params_text(params, label)} | " + " | ".join(cells)
+                     + f" | {_fmt(_qa(rs, top, 'f1'))} | {_fmt(_qa(rs, top, 'lenient'))} | "
+                     + (_fmt(needle) if needle else "-") + " |")
+    pairs = verdict_pairs([lab for lab in labels if lab in by])
+    lines += ["", f"![accuracy per protocol]({plots['protocols'].name})", "",
+              "## Does a method beat its own protocol's baseline at noise >= 0.8?", "",
+              "A row beats its baseline when its mean exact match exceeds the baseline's by more than the two seed "
+              "standard deviations added; `no, worse` when it falls short by more than that. Every row is compared "
+              "within its protocol only (same data, steps and seeds); SRA (inference only) with the base model it "
+              "runs on.", ""]
+    lines += _verdict_table(by, ratios, pairs, params)
+    lines += ["", _verdict_summary(by, ratios, pairs), "",
+              "## Does training help at all? Every trained row against the base model", "",
               "The same rule against the untouched base model: `yes` means fine-tuning this row on noisy contexts "
               "made the model more robust than it was.", ""]
-    lines += _verdict_table(by, ratios, [(lab, BASE_LABEL) for lab in ("none", *trained)])
-    lines += ["", "## Needle retrieval (exact match, mean over the grid)", "",
-              f"Context lengths {list(cfg.context_lengths)} tokens x depths {list(cfg.depths)}, {cfg.needle_n} needles "
-              "per cell.", "", "| model | needle EM |", "|---|---|"]
-    for label in cfg.labels():
-        if label in by:
-            grid_means = [statistics.fmean(c.exact_match for c in r.needle) for r in by[label]]
-            lines.append(f"| {label} | {_fmt(grid_means)} |")
-    lines += ["", f"![needle]({plots['needle_base'].name})", "",
+    trained = [lab for lab in labels if protocol_of(lab) != "inference"]
+    lines += _verdict_table(by, ratios, [(lab, BASE_LABEL) for lab in trained], params)
+    lines += ["", "## Forgetting: needle retrieval of the base model", "",
+              "The needle column above; the base model's grid (every trained row is measured on the same grid):", "",
+              f"![needle]({plots['needle_base'].name})", "",
               f"## Attention to the gold document (SPEC 9), noise {cfg.attention_noise}", "",
               "Mass of each model's effective combined attention map (signed for differential methods) from the last "
               "prompt position on the gold document's tokens vs on the distractors' tokens, mean over heads, layers "
               f"and {cfg.attention_examples} examples. The gold share is given for maps without negative mass only: "
               "a signed map can put negative mass on the distractors, and the ratio then means nothing; compare the "
               "margin (gold minus distractors) instead.", "",
-              "| model | to gold | to distractors | gold - distractors | gold / (gold + distractors) |",
+              "| row | to gold | to distractors | gold - distractors | gold / (gold + distractors) |",
               "|---|---|---|---|---|"]
-    for label in cfg.labels():
+    for label in labels:
         if label not in attention:
             continue
         gold = [statistics.fmean(m.gold) for m in attention[label]]
@@ -456,10 +718,11 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
         lines.append(f"| {label} | {_fmt(gold)} | {_fmt(noise)} | {_fmt(margin)} | {_gold_share(gold, noise)} |")
     lines += ["", f"![attention]({plots['attention'].name})", "",
               "## Training time (s per run, the training loop as recorded in run.json)", "",
-              "| model | seconds |", "|---|---|"]
+              "| row | seconds |", "|---|---|"]
     for label, secs in train_seconds.items():
         lines.append(f"| {label} | {_fmt(secs, 1)} |")
     return "\n".join(lines)
 
 
-__all__ = ["DemoConfig", "run_demo", "render_report", "trainable_methods"]
+__all__ = ["DemoConfig", "run_demo", "render_report", "trainable_methods", "paper_row", "protocol_of",
+           "baseline_of", "verdict_pairs", "matched_lora_rank", "train_config", "plot_protocols", "PROTOCOLS"]

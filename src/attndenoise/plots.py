@@ -158,6 +158,124 @@ def plot_accuracy(results: Sequence[EvalResults], path: str | Path, *, metric: s
     return _save(fig, path)
 
 
+@dataclass
+class ProtocolBar:
+    """One bar of :func:`plot_protocol_bars`, exactly as drawn: a row's mean over seeds at one group (noise ratio),
+    its error bar (one sample standard deviation over seeds; 0 for one seed) and the panel it is drawn in."""
+
+    panel: str
+    label: str
+    group: float
+    mean: float
+    sd: float
+    seeds: int
+    reference: bool = False
+    baseline: bool = False
+
+
+def protocol_bars(results: Sequence[EvalResults], panels: Mapping[str, Sequence[str]], *,
+                  metric: str = "exact_match", reference: str | None = None, baselines: Sequence[str] = (),
+                  groups: Sequence[float] | None = None) -> list[ProtocolBar]:
+    """What :func:`plot_protocol_bars` draws, panel by panel, group by group, bar by bar: in each panel the
+    ``reference`` (the untrained base) first, then the panel's rows in the given order. ``groups`` (default: every
+    noise ratio measured) picks and orders the groups; a row without results at a group gets no bar there."""
+    table = accuracy_by_noise(results, metric)
+    if groups is None:
+        groups = sorted({x for by in table.values() for x in by})
+    bars = []
+    for panel, rows in panels.items():
+        shown = ([reference] if reference is not None else []) + [r for r in rows if r != reference]
+        for g in groups:
+            for label in shown:
+                vals = next((v for x, v in table.get(label, {}).items() if math.isclose(x, g)), None)
+                if not vals:
+                    continue
+                mean, sd = _mean_std(vals)
+                bars.append(ProtocolBar(panel, label, float(g), mean, sd, len(vals), label == reference,
+                                        label in baselines))
+    return bars
+
+
+def plot_protocol_bars(results: Sequence[EvalResults], panels: Mapping[str, Sequence[str]], path: str | Path, *,
+                       metric: str = "exact_match", reference: str | None = None, baselines: Sequence[str] = (),
+                       groups: Sequence[float] | None = None, group_label: Any = None,
+                       colour_key: Mapping[str, str] | None = None, xlabel: str = "noise ratio",
+                       title: str | None = None) -> Path:
+    """Grouped bars, one panel per protocol (``panels``: title -> row labels), one group per noise ratio, one bar
+    per row with one sample standard deviation over seeds as its error bar (:func:`protocol_bars` gives the numbers).
+
+    The ``reference`` (the untrained base) is the first bar of every group, hatched with a dashed outline, so each
+    row reads as above or below it; ``baselines`` are grey (outlined in their ``colour_key`` colour, so a matched
+    baseline shows which method it matches); other rows take one colour per ``colour_key`` value (default: the
+    label), the same in every panel. ``group_label(ratio)`` writes a group's tick label (e.g. with the number of
+    distractors)."""
+    bars = protocol_bars(results, panels, metric=metric, reference=reference, baselines=baselines, groups=groups)
+    if not bars:
+        raise ValueError("no noisy-QA results at explicit noise ratios to plot")
+    keys = colour_key or {}
+    palette: dict[str, Any] = {}
+    for panel_rows in panels.values():
+        for label in panel_rows:
+            key = keys.get(label, label)
+            if label not in baselines and label != reference and key not in palette:
+                palette[key] = _style(len(palette))[0]
+    names = [p for p in panels if any(b.panel == p for b in bars)]
+    per_panel = {p: [b for b in bars if b.panel == p] for p in names}
+    # Panel widths follow their bar counts, with a floor so that a 2-row panel still has room for its ticks and legend.
+    widths = [max(3, len({b.label for b in per_panel[p]})) * max(1, len({b.group for b in per_panel[p]}))
+              for p in names]
+    # Side by side while that stays readable (the default demo: ~60 bars); stacked, legends to the right, beyond.
+    stacked = sum(widths) > 100
+    if stacked:
+        fig, grid = plt.subplots(len(names), 1, figsize=(3.5 + 0.17 * max(widths), 3.4 * len(names)),
+                                 squeeze=False, sharey=True)
+        axes = [a[0] for a in grid]
+    else:
+        fig, grid = plt.subplots(1, len(names), figsize=(1.5 + 0.17 * sum(widths) + 0.4 * len(names), 5.0),
+                                 squeeze=False, sharey=True, gridspec_kw={"width_ratios": widths})
+        axes = list(grid[0])
+    most = max(len({b.label for b in per_panel[p]}) for p in names)
+    for ax, panel, units in zip(axes, names, widths, strict=True):
+        mine = per_panel[panel]
+        labels = list(dict.fromkeys(b.label for b in mine))
+        xs = sorted({b.group for b in mine})
+        width = 0.84 / (most if stacked else len(labels))  # stacked panels share one x scale: equal bar widths
+        for j, label in enumerate(labels):
+            rows = [b for b in mine if b.label == label]
+            pos = [xs.index(b.group) + (j - (len(labels) - 1) / 2) * width for b in rows]
+            key = keys.get(label, label)
+            if label == reference:
+                style: dict[str, Any] = {"color": "white", "edgecolor": "black", "hatch": "///", "linestyle": "--",
+                                         "linewidth": 1.0}
+            elif label in baselines:
+                style = {"color": "0.55", "edgecolor": palette.get(key, "black"), "linewidth": 1.5}
+            else:
+                style = {"color": palette[key], "edgecolor": "black", "linewidth": 0.4}
+            ax.bar(pos, [b.mean for b in rows], width, yerr=[b.sd for b in rows], capsize=1.5,
+                   error_kw={"elinewidth": 0.8}, label=label + (" (reference)" if label == reference else ""),
+                   **style)
+        ax.set_xticks(range(len(xs)), [group_label(x) if group_label else f"{x:g}" for x in xs], fontsize=8)
+        ax.set_title(panel, fontsize=9)
+        if not stacked or ax is axes[-1]:
+            ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+        if stacked:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(labels) // 12,
+                      frameon=False)
+            ax.set_ylabel(METRIC_LABELS[metric])
+        else:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=max(1, min(4, units // 8)),
+                      frameon=False)
+    axes[0].set_ylabel(METRIC_LABELS[metric])
+    if stacked:
+        fig.subplots_adjust(hspace=0.3, top=1 - 0.8 / fig.get_figheight())
+    seeds = sorted({b.seeds for b in bars})
+    spread = "error bars: 1 sample s.d. over seeds" if seeds[-1] > 1 else "1 seed: no error bars"
+    fig.suptitle(f"{title or f'Noisy-context QA: {METRIC_LABELS[metric]}'} ({spread})", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_needle(result: EvalResults, path: str | Path, *, title: str | None = None) -> Path:
     """Needle-in-a-haystack heatmap: depth (rows) x context length (columns), exact match in each cell."""
     if not result.needle:
@@ -241,5 +359,5 @@ def plot_attention_map(attention: torch.Tensor, gold_spans: Sequence[tuple[int, 
     return _save(fig, path)
 
 
-__all__ = ["plot_accuracy", "plot_needle", "plot_attention_to_gold", "plot_attention_map", "accuracy_by_noise",
-           "accuracy_lines", "AccuracyLine"]
+__all__ = ["plot_accuracy", "plot_protocol_bars", "protocol_bars", "ProtocolBar", "plot_needle",
+           "plot_attention_to_gold", "plot_attention_map", "accuracy_by_noise", "accuracy_lines", "AccuracyLine"]

@@ -153,6 +153,9 @@ class TrainConfig:
             the base model, the split and the tokens, so every run on the same data reuses it; each step then runs
             the top layers alone and computes logits only where the loss reads them. The papers patch every layer;
             this is an option for a small compute budget. Not with a tied ``lm_head``.
+        method_lr: with ``attention`` or ``lora``, the learning rate of the method's own parameters, while the
+            projections or the LoRA train at ``learning_rate`` (so a comparison with the protocol's baseline keeps
+            the baseline's rate for the parameters both train); ``None``: everything at ``learning_rate``.
         lora / lora_rank / lora_alpha / lora_dropout: stack a peft LoRA on the attention projections under the method.
         qlora: LoRA over a 4-bit base (CUDA and bitsandbytes only).
         synthetic_examples: how many synthetic training examples to generate.
@@ -195,6 +198,7 @@ class TrainConfig:
     attention: bool = False
     lm_head: bool = False
     top_layers: int | None = None
+    method_lr: float | None = None
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -284,10 +288,15 @@ class TrainConfig:
                 raise ConfigError(f"{name}={v!r}: must be an integer >= 0")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int) or self.lora_alpha < 1:
             raise ConfigError(f"lora_alpha={self.lora_alpha!r}: must be an integer >= 1")
-        for name in ("learning_rate",):
+        for name in ("learning_rate", "method_lr"):
             v = getattr(self, name)
+            if name == "method_lr" and v is None:
+                continue
             if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name}={v!r}: must be a number > 0")
+        if self.method_lr is not None and self.kind not in ("method+attn", "method+lora"):
+            raise ConfigError("method_lr sets the method's own rate beside the projections or a LoRA; it needs "
+                              "--attention or --lora (for a method alone, set --lr)")
         if not 0.0 <= self.lora_dropout < 1.0 or not 0.0 <= self.weight_decay:
             raise ConfigError("lora_dropout must be in [0, 1) and weight_decay >= 0")
         if self.noise is not None and (isinstance(self.noise, bool) or not 0.0 <= self.noise < 1.0):
@@ -786,6 +795,9 @@ def train(
         # Some methods leave parameters unused in some layers (e.g. layer selection); DDP must be told.
         ddp_find_unused_parameters=config.kind != "none",
     )
+    optimizers: Any = (None, None)
+    if config.method_lr is not None:
+        optimizers = (_two_rate_optimizer(config, args, train_model, base), None)
     global_batch = config.batch_size * config.grad_accum * args.world_size
     order = training_order(len(features), config.steps * global_batch, config.seed)
     frozen, hidden = _frozen_prefix(config, base, features, signature, order)
@@ -795,7 +807,7 @@ def train(
     trainer = AtomicTrainer(
         model=train_model, args=args, train_dataset=dataset,
         data_collator=(lambda batch: collate(batch, pad_id)) if frozen is None else _HiddenCollator(hidden, pad_id),
-        frozen=frozen,
+        frozen=frozen, optimizers=optimizers,
         callbacks=[LambdaCallback(), LambdaHistory(), *callbacks],
         method_model=base if config.kind == "method+lora" else None,
         trainable_only=config.kind in ("method", "method+attn", "none"),
@@ -855,6 +867,25 @@ def train(
         _atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out_dir=out, run=run, model=train_model, main_process=trainer.is_world_process_zero())
+
+
+def _two_rate_optimizer(config: TrainConfig, args: Any, train_model: nn.Module, base: nn.Module) -> Any:
+    """The optimizer the Trainer would build (its class and keyword arguments for ``args``: AdamW, fused where
+    torch has it) with the method's parameters at ``method_lr`` and every other trainable parameter at
+    ``learning_rate``; the Trainer's schedule scales both alike (``weight_decay``, 0 by default, then applies to
+    every parameter of both groups)."""
+    from transformers import Trainer
+
+    from .patch import method_modules
+
+    mine = {id(p) for m in method_modules(base).values() for p in m.parameters() if p.requires_grad}
+    rest = [p for p in train_model.parameters() if p.requires_grad and id(p) not in mine]
+    method = [p for p in train_model.parameters() if p.requires_grad and id(p) in mine]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": config.learning_rate},
+                                    {"params": method, "lr": config.method_lr}]
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, train_model)
+    return cls([g for g in groups if g["params"]], **{**kwargs, "lr": config.learning_rate,
+                                                      "weight_decay": config.weight_decay})
 
 
 class _HiddenCollator:
