@@ -883,7 +883,7 @@ def _two_rate_optimizer(config: TrainConfig, args: Any, train_model: nn.Module, 
     method = [p for p in train_model.parameters() if p.requires_grad and id(p) in mine]
     groups: list[dict[str, Any]] = [{"params": rest, "lr": config.learning_rate},
                                     {"params": method, "lr": config.method_lr}]
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, train_model)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, train_model)  # type: ignore[arg-type]
     return cls([g for g in groups if g["params"]], **{**kwargs, "lr": config.learning_rate,
                                                       "weight_decay": config.weight_decay})
 
