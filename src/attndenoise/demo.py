@@ -19,7 +19,7 @@ What one run does (issues 7 and 14; every step uses the public API, so the demo 
 3. apply SRA (inference only) to the base model;
 4. evaluate the base model, SRA and every trained model with :func:`attndenoise.evaluate.evaluate_model`: noisy-QA
    accuracy at ``eval_noise`` ratios, the needle grid (pass-key retrieval: the training data has none, so it measures
-   forgetting), and the SPEC 9 attention-to-gold measures (:func:`attndenoise.measures.dataset_attention`) on the
+   forgetting), and the attention-to-gold measures (:func:`attndenoise.measures.dataset_attention`) on the
    same examples for every model;
 5. write ``report.md`` (tables with mean and spread across seeds, each row's protocol and trainable-parameter count,
    and which rows beat their own protocol's baseline at noise >= 0.8 beyond the seed spread), ``results.json`` /
@@ -168,7 +168,7 @@ class DemoConfig:
     train_noise: float = 0.8
     train_noise_mix: Sequence[float] | None = None
     synthetic_examples: int = 2400
-    # Lambda schedule, chosen per method on the validation split (EM at noise 0.9, "paper" -> "linear"): the SPEC's
+    # Lambda schedule, chosen per method on the validation split (EM at noise 0.9, "paper" -> "linear"): the
     # literal default gives lambda = lambda_learn once t >= T, and lambda_learn barely moves in 150 steps, so the
     # differential rows end near the identity (0.63-0.66, the base's level); holding lambda at lambda_init makes
     # them act. daa 0.65 -> 0.765, diffq 0.655 -> 0.705, diffk 0.63 -> 0.725, diff 0.655 -> 0.755, dint 0.635 ->
@@ -701,7 +701,7 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
     lines += ["", "## Forgetting: needle retrieval of the base model", "",
               "The needle column above; the base model's grid (every trained row is measured on the same grid):", "",
               f"![needle]({plots['needle_base'].name})", "",
-              f"## Attention to the gold document (SPEC 9), noise {cfg.attention_noise}", "",
+              f"## Attention to the gold document, noise {cfg.attention_noise}", "",
               "Mass of each model's effective combined attention map (signed for differential methods) from the last "
               "prompt position on the gold document's tokens vs on the distractors' tokens, mean over heads, layers "
               f"and {cfg.attention_examples} examples. The gold share is given for maps without negative mass only: "

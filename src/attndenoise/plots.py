@@ -1,5 +1,5 @@
-"""Figures for evaluation results and attention measures (issue 7; SPEC 9), drawn with matplotlib's Agg backend so
-they render without a display. Every function writes one PNG and returns its path.
+"""Figures for evaluation results and attention measures (docs/methods.md, section Attention measures), drawn
+with matplotlib's Agg backend so they render without a display. Every function writes one PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def plot_needle(result: EvalResults, path: str | Path, *, title: str | None = No
 
 def plot_attention_to_gold(measures: Mapping[str, AttentionMeasures], path: str | Path, *,
                            title: str | None = None) -> Path:
-    """Attention to gold (solid) and attention noise (dashed) per layer, one colour per model/method (SPEC 9)."""
+    """Attention to gold (solid) and attention noise (dashed) per layer, one colour per model/method."""
     if not measures:
         raise ValueError("no attention measures to plot")
     fig, ax = plt.subplots(figsize=(8, 4.5))

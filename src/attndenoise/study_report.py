@@ -124,8 +124,12 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
     n = len(next(iter(answers.values()))) if answers else 0
     params = meta.get("trainable_parameters", {})
     groups = [(str(k), (lambda s, k=k: curve_point(s, k))) for k in CURVE]
+    at9 = [s.split("-")[1] for s in CURVE[9] if s in answers]
+    where = {"first": "first", "middle": "in the middle", "last": "last"}
+    nine = (f"9 = mean over the gold {', '.join(at9[:-1])} and {at9[-1]}" if len(at9) > 1
+            else f"9 = the gold passage {where[at9[0]]} only" if at9 else "9 not measured")
     plot_protocols(scores, rows, seeds, groups, out / "noise.png", "hard (BM25) distractors",
-                   f"{cfg['model']}, {n} test questions; 9 = mean over gold first/middle/last; bars: mean over "
+                   f"{cfg['model']}, {n} test questions; {nine}; bars: mean over "
                    f"{len(seeds)} seed(s), error bars: seed s.d.")
     pos_groups = [(p.split("-")[1], (lambda s, p=p: s.get(p))) for p in POSITIONS]
     plot_protocols(scores, rows, seeds, pos_groups, out / "position.png", "gold passage among 9 hard distractors",
@@ -160,7 +164,7 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
            if sel.get("lambda_schedule") else "") + ".", ""]
 
     lines += ["## Accuracy against noise, per protocol", "",
-              "Mean ± s.d. over seeds. 9 distractors = mean over the gold first, middle and last. Needle: pass-key "
+              f"Mean ± s.d. over seeds. {nine.replace('9 =', '9 distractors:')}. Needle: pass-key "
               f"best-subspan EM at {cfg['needle_length']} tokens ({2 * cfg['needle_n']} keys; the training data has "
               "no pass-key examples, so this is the forgetting column). Attention to gold: share of the last prompt "
               f"position's attention on the gold passage, mean over the trained layers and heads, {cfg['attention_n']}"
@@ -208,6 +212,7 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
     lines += ["", "![accuracy against noise](noise.png)", "", "![gold position](position.png)", ""]
     lines += ["## Reproduce", "", "```", "attndenoise study --data " + cfg["data"] + f" --out {out}"
               + ("" if list(cfg["seeds"]) == [0, 1] else f" --seeds {','.join(map(str, seeds))}")
+              + ("" if at9 == ["first", "middle", "last"] else f" --positions {','.join(at9)}")
               + f" --n {cfg['n']} --steps {cfg['steps']} --top-layers {cfg['top_layers']}", "```", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(

@@ -47,6 +47,8 @@ def study_command(
     batch_size: Annotated[int, typer.Option(help="examples per step")] = 1,
     train_distractors: Annotated[int, typer.Option(help="hard distractors per training question")] = 4,
     n: Annotated[int, typer.Option(help="test questions per setting (the first n of the fixed test split)")] = 32,
+    positions: Annotated[str, typer.Option(help="gold positions measured with 9 hard distractors (first, middle, "
+                                                "last); the 9 point of the curve is their mean")] = "first,middle,last",
     val_n: Annotated[int, typer.Option(help="validation questions for the learning-rate / schedule choice")] = 100,
     attention_n: Annotated[int, typer.Option(help="prompts for attention to gold (0: skip)")] = 16,
     needle_n: Annotated[int, typer.Option(help="pass-key examples per depth for the forgetting column (0: skip)")
@@ -68,12 +70,17 @@ def study_command(
     chosen_rows = tuple(r.strip() for r in rows.split(",") if r.strip()) if rows else (
         full_rows() if full else DEFAULT_ROWS)
     seed_list = _ints(seeds, "--seeds")
+    at9 = [p.strip() for p in positions.split(",") if p.strip()]
+    bad = [p for p in at9 if p not in ("first", "middle", "last")]
+    if bad or not at9:
+        fail(f"--positions {positions}: give some of first, middle, last")
+    settings = (("k0", 0, "random"), ("k4", 4, "random"), *((f"k9-{p}", 9, p) for p in at9), ("k19", 19, "random"))
     cfg = StudyConfig(
         data=str(data), out=str(out), model=model, rows=chosen_rows,
         seeds=(0, 1, 2) if full and seeds == "0,1" else seed_list,
         top_layers=(0 if full else 4) if top_layers is None else top_layers, steps=steps,
         batch_size=batch_size, train_distractors=train_distractors, n=n, val_n=val_n, attention_n=attention_n,
-        needle_n=needle_n, threads=threads, dtype=dtype,
+        needle_n=needle_n, threads=threads, dtype=dtype, settings=settings,
     )
     with user_errors(), one_line_warnings():
         try:
