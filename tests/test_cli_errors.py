@@ -302,6 +302,12 @@ TRAIN_CASES: dict[str, tuple[list[str], str]] = {
     "config bad type": (["--config", "{cfg_type}", "--out", "{out}"], r"learning_rate='fast': must be a number > 0"),
     "model missing": (["--method", "daa", "--out", "{out}", "--model", "{root}/no/such/model"],
                       r"no such model file or folder"),
+    "top layers 0": (["--method", "none", "--out", "{out}", "--top-layers", "0"],
+                     r"top_layers=0: must be an integer >= 1 \(unset: all layers\)"),
+    "top layers all": (["--method", "none", "--out", "{out}", "--top-layers", "2"],
+                       r"top_layers=2: accepted 1 \.\. 1 for this 2-layer model"),
+    "method lr alone": (["--method", "daa", "--out", "{out}", "--method-lr", "1e-3"],
+                        r"method_lr sets the method's own rate .* it needs --attention or --lora"),
     "non-finite loss": (["--method", "daa", "--out", "{out}", "--model", "{nanmodel}"],
                         r"non-finite training loss \(nan\) at step 1; training stopped .* Lower --lr"),
 }

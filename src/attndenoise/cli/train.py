@@ -132,6 +132,9 @@ def train_command(
         "--attention", help="Train the patched layers' attention projections (q, k, v, o) together with the method "
         "(the DAA paper's protocol; compare with --method none).")] = False,
     lm_head: Annotated[bool, typer.Option("--lm-head", help="With --attention, train lm_head too.")] = False,
+    method_lr: Annotated[float | None, typer.Option(
+        "--method-lr", help="With --attention or --lora: the learning rate of the method's own parameters (the "
+        "projections or LoRA keep --lr, the baseline's rate).")] = None,
     top_layers: Annotated[int | None, typer.Option(
         "--top-layers", help="Patch and train only the top K decoder layers; the frozen layers below run once per "
         "training example (cached on disk) instead of once per step.")] = None,
