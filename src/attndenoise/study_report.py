@@ -19,13 +19,14 @@ POSITIONS = ("k9-first", "k9-middle", "k9-last")
 NOISY = (9, 19)
 
 
-def per_model(answers: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, float]]:
-    """model key -> setting -> best-subspan EM in % over the test questions."""
+def per_model(answers: Mapping[str, Sequence[Mapping[str, Any]]],
+              metric: str = "best_subspan_em") -> dict[str, dict[str, float]]:
+    """model key -> setting -> ``metric`` (best-subspan EM by default) in % over the test questions."""
     out: dict[str, dict[str, float]] = {}
     for setting, rows in answers.items():
         keys = rows[0]["answers"].keys() if rows else ()
         for key in keys:
-            vals = [float(r["answers"][key]["best_subspan_em"] or 0.0) for r in rows]
+            vals = [float(r["answers"][key][metric] or 0.0) for r in rows]
             out.setdefault(key, {})[setting] = 100 * sum(vals) / len(vals)
     return out
 
@@ -204,6 +205,18 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
     worse = [lab for lab, v in verdicts if v.startswith("worse")]
     lines += ["", ("Beyond the seed spread, better than its own baseline: " + (", ".join(better) or "none")
                    + "; worse: " + (", ".join(worse) or "none") + "."), ""]
+    em = per_model(answers, "exact_match")
+    lines += ["## Exact match", "",
+              "Best-subspan EM counts an answer contained anywhere in the reply, which rewards long replies: the "
+              "untrained chat model answers in sentences, a fine-tuned row with the answer alone. Exact match "
+              "(SQuAD-normalised) beside it, same questions:", "",
+              "| row | " + " | ".join(str(k) for k in CURVE) + " |", "|---|" + "---|" * len(CURVE),
+              "| base | " + " | ".join(f"{curve_point(em[BASE], k):.1f}" if curve_point(em[BASE], k) is not None
+                                      else "-" for k in CURVE) + " |"]
+    for label in rows:
+        cells = [_fmt(by_row(em, [label], seeds, lambda s, k=k: curve_point(s, k))[label]) for k in CURVE]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines += [""]
     lines += ["## Gold position (9 hard distractors)", "", "| row | first | middle | last |", "|---|---|---|---|",
               "| base | " + " | ".join(f"{scores[BASE].get(p, float('nan')):.1f}" for p in POSITIONS) + " |"]
     for label in rows:
@@ -216,7 +229,8 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
               + f" --n {cfg['n']} --steps {cfg['steps']} --top-layers {cfg['top_layers']}", "```", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(
-        {"meta": meta, "scores": scores, "attention": attention, "needle": needle}, indent=1, default=str) + "\n")
+        {"meta": meta, "scores": scores, "exact_match": em, "attention": attention, "needle": needle}, indent=1,
+        default=str) + "\n")
     return out / "report.md"
 
 
