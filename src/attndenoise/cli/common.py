@@ -67,6 +67,17 @@ def one_line_warnings() -> Iterator[None]:
         yield
 
 
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    """A comma-separated list of integers for ``option`` (``"0,4,9"``); a bad one is typer's usage error."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"give comma-separated integers, got {text!r}", param_hint=option) from None
+    if not values:
+        raise typer.BadParameter("give at least one number", param_hint=option)
+    return values
+
+
 def set_threads(threads: int | None) -> None:
     """``--threads``: torch's intra-op threads for this process (``None``: torch's default)."""
     if threads is None:

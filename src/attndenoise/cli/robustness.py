@@ -9,19 +9,9 @@ import typer
 from rich.console import Console
 
 from . import app
-from .common import fail, user_errors
+from .common import fail, int_list, user_errors
 
 _err = Console(stderr=True)
-
-
-def _ints(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise typer.BadParameter(f"give comma-separated integers, got {text!r}", param_hint=option) from None
-    if not values:
-        raise typer.BadParameter("give at least one number", param_hint=option)
-    return values
 
 
 def _positions(text: str) -> tuple[str | int, ...]:
@@ -60,7 +50,7 @@ def robustness_command(
 
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
     cfg = RobustnessConfig(
-        data=str(data), model=model, out=str(out), n=n, distractors=_ints(distractors, "--distractors"),
+        data=str(data), model=model, out=str(out), n=n, distractors=int_list(distractors, "--distractors"),
         kinds=kind_list, position_distractors=position_distractors, positions=_positions(positions),  # type: ignore[arg-type]
         attention_n=attention_n, sra=sra, sra_val_n=sra_val_n, seed=seed, batch_size=batch_size, threads=threads,
         dtype=dtype,

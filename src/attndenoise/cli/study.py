@@ -10,19 +10,9 @@ import typer
 from rich.console import Console
 
 from . import app
-from .common import fail, one_line_warnings, user_errors
+from .common import fail, int_list, one_line_warnings, user_errors
 
 _err = Console(stderr=True)
-
-
-def _ints(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise typer.BadParameter(f"give comma-separated integers, got {text!r}", param_hint=option) from None
-    if not values:
-        raise typer.BadParameter("give at least one number", param_hint=option)
-    return values
 
 
 @app.command("study")
@@ -69,7 +59,7 @@ def study_command(
         fail(f"--dtype {dtype}: choose float32 or bfloat16")
     chosen_rows = tuple(r.strip() for r in rows.split(",") if r.strip()) if rows else (
         full_rows() if full else DEFAULT_ROWS)
-    seed_list = _ints(seeds, "--seeds")
+    seed_list = int_list(seeds, "--seeds")
     at9 = [p.strip() for p in positions.split(",") if p.strip()]
     bad = [p for p in at9 if p not in ("first", "middle", "last")]
     if bad or not at9:
