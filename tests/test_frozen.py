@@ -9,6 +9,8 @@ Every check compares against a reference that does not go through the split:
 * ``prefill_rows``: ``generate`` from the returned caches equals ``generate`` without a cache (tokens and the
   logits of every step) for the base and two row models (``copy.deepcopy`` of the base plus a method on the top
   layers), sliding-window families included; ``same_below`` against hand-built cases.
+* ``greedy_rows`` (the rows' lower layers decoded as one batch): every row's tokens equal its own ``generate``,
+  with rows stopping at different steps (EOS, a stop rule, the token limit) and the base among the rows.
 * errors: the accepted ranges of ``first`` / ``k``, a wrong-shape replay, ``check_frozen``.
 * ``train(top_layers=k)``: the same loss history (rtol 1e-5) and trained tensors (atol 1e-6; 1e-5 for the 128-wide
   tiny model, see ``EQUIVALENT``) as the full-forward, full-logits path with the method's ``layers`` set to the top
@@ -48,6 +50,7 @@ from attndenoise.frozen import (
     FrozenPrefixError,
     cached_hidden,
     decoder_layers,
+    greedy_rows,
     prefill_rows,
     same_below,
 )
@@ -235,6 +238,33 @@ def test_prefill_rows_generate_equals_generate_without_the_cache(family: str) ->
     # The rows differ from the base at the first step, so a cache mix-up would show.
     for name in rows:
         assert (refs[name].logits[0] - refs["base"].logits[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "mistral", "qwen3"])
+def test_greedy_rows_equal_each_models_own_generate(family: str) -> None:
+    base, first = deep(family, layers=4), 2
+    rows = {"base": base, "a": with_method(copy.deepcopy(base), "daa", [2, 3], seed=5),
+            "b": with_method(copy.deepcopy(base), "dint", [2, 3], seed=6),
+            "c": with_method(copy.deepcopy(base), "opamp", [3], seed=7)}
+    prompt = models.inputs(1, 14, seed=3)  # longer than the sliding window (6) of mistral / gemma2
+    plain = {n: m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                           do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist() for n, m in rows.items()}
+    # An EOS that one row emits early, so rows finish at different steps and the batch keeps running without it.
+    eos = plain["a"][3]
+    want = {n: seq[: seq.index(eos) + 1] if eos in seq else seq for n, seq in plain.items()}
+    got = greedy_rows(base, rows, prompt, first, max_new_tokens=10, eos=[eos])
+    assert got == want
+    assert len({len(v) for v in want.values()}) > 1, "the case should have rows stopping at different steps"
+    # A stop rule on the new tokens (here: the third token) ends every row there, as a stopping criterion would.
+    short = greedy_rows(base, rows, prompt, first, max_new_tokens=10, eos=[-1], stop=lambda ids: len(ids) == 3)
+    assert short == {n: seq[:3] for n, seq in plain.items()}
+
+
+def test_greedy_rows_takes_one_prompt() -> None:
+    base = deep("llama")
+    for bad in (models.inputs(2, 8), models.inputs(1, 1)):
+        with pytest.raises(ValueError, match="one prompt of at least two tokens"):
+            greedy_rows(base, {"base": base}, bad, 1, max_new_tokens=4, eos=[0])
 
 
 def test_prefill_rows_takes_one_unpadded_prompt() -> None:

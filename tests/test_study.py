@@ -146,6 +146,27 @@ def test_resume_trains_and_answers_nothing_new_and_a_new_row_is_answered_alone(
     assert "dint+attn" in report and "Protocol `attention`" in report and "Protocol `lora`" in report
 
 
+def test_validation_scores_outlive_their_runs_and_a_run_with_other_settings_is_refused(
+        finished: tuple[StudyConfig, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    cfg, _ = finished
+    monkeypatch.setenv("ATTNDENOISE_CACHE", str(Path(cfg.out).parent / "cache"))
+    out = tmp_path / "copy"
+    shutil.copytree(cfg.out, out)
+    sel = json.loads((out / "selection.json").read_text())
+    chosen = f"none-s0-lr{sel['learning_rate']['attention']:g}"
+    # A validation-only run (not a row of the study at the chosen rate) is not retrained once its score is kept.
+    loser = next(k for k in sel["scores"] if k.startswith("none-s0-lr") and k != chosen)
+    shutil.rmtree(out / "runs" / loser)
+    logs: list[str] = []
+    run_study(StudyConfig(**{**cfg.__dict__, "out": str(out)}), log=logs.append)
+    assert not [m for m in logs if m.startswith("training ")]
+    # Other training settings: the kept scores do not count, and the finished runs in the folder are refused.
+    with pytest.raises(StudyError, match=r"holds a run trained with other settings \(steps: 2 there, 3 now\)"):
+        run_study(StudyConfig(**{**cfg.__dict__, "out": str(out), "steps": 3}), log=logs.append)
+
+
 def test_parse_row_and_errors() -> None:
     assert parse_row("daa+attn").baseline == "none" and parse_row("daa+attn").protocol == "attention"
     assert parse_row("opamp+lora").baseline == "lora"

@@ -279,6 +279,11 @@ def _pad_id(tokenizer: Any, eos: list[int]) -> int:
     return int(pad) if pad is not None else eos[0]
 
 
+def answer_line_ended(tokenizer: Any, new_ids: Sequence[int]) -> bool:
+    """Whether generated ``new_ids`` hold a line break after some non-blank text (the answer line is over)."""
+    return "\n" in tokenizer.decode(list(new_ids), skip_special_tokens=True).lstrip()
+
+
 class AnswerLineEnded(StoppingCriteria):
     """Stops a row once its generated text has a line break after some non-blank text (the answer line is over).
 
@@ -291,8 +296,7 @@ class AnswerLineEnded(StoppingCriteria):
         self.prompt_length = prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        done = [("\n" in self.tokenizer.decode(row[self.prompt_length:], skip_special_tokens=True).lstrip())
-                for row in input_ids.tolist()]
+        done = [answer_line_ended(self.tokenizer, row[self.prompt_length:]) for row in input_ids.tolist()]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 

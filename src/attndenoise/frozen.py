@@ -10,7 +10,9 @@ trained), everything below is the same function for every training step, every e
   fed to the first changing layer instead; embeddings, rotary tables and masks are still built by the model's own
   forward, so everything above the split runs exactly as in a full forward;
 * :func:`prefill_rows` extends this to generation: one full prefill of the stock model gives every compared model
-  its lower layers' key/value cache, and each model then prefills only its own top layers.
+  its lower layers' key/value cache, and each model then prefills only its own top layers;
+* :func:`greedy_rows` decodes every compared model at once: each step runs the shared lower layers once for all of
+  them as one batch, then each model's own top layers.
 
 A patched model is split the same way: the method lives in the top layers only. The split is exact (logits equal a
 full forward's up to float rounding, tested per family); what it saves is the lower layers' compute, which for the
@@ -23,7 +25,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -140,7 +142,7 @@ class FrozenPrefix:
         was_training = self.model.training
         self.model.eval()  # the frozen layers run as at inference (no dropout): one fixed output per example
         try:
-            self.model(**inputs, use_cache=False)
+            self.model(**{"use_cache": False, **inputs})  # a caller's cache (``past_key_values``) is filled below
         except _Captured as c:
             return c.hidden
         finally:
@@ -272,6 +274,78 @@ def prefill_rows(
     return base_cache, out
 
 
+@torch.no_grad()
+def greedy_rows(
+    base: nn.Module,
+    rows: dict[str, nn.Module],
+    prompt: torch.Tensor,
+    first: int,
+    *,
+    max_new_tokens: int,
+    eos: Sequence[int],
+    stop: Callable[[list[int]], bool] | None = None,
+) -> dict[str, list[int]]:
+    """Greedy continuations of one ``prompt`` by every model in ``rows``, the shared lower layers run as one batch.
+
+    Every row must equal ``base`` below decoder layer ``first`` (:func:`same_below`); a row may be ``base`` itself.
+    The prompt is prefilled by :func:`prefill_rows`. Each decoding step then feeds every unfinished row's last token
+    through the lower layers as one batch (one read of their weights per step instead of one per row: decoding a
+    small model on a CPU is bound by that read), and each row's hidden state through that row's own top layers with
+    its own cache. A row stops, as ``generate`` stops it, after an ``eos`` token, when ``stop(its new tokens)`` is
+    true, or after ``max_new_tokens``; the returned ids include the stopping token, as ``generate``'s do.
+
+    The tokens equal each model's own greedy ``generate`` up to float rounding: the batched lower layers may round
+    differently from a batch of one, which flips a greedy choice only at a near tie (tested per family).
+    """
+    from transformers import DynamicCache
+
+    if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] < 2:
+        raise ValueError("greedy_rows takes one prompt of at least two tokens: input_ids of shape (1, tokens)")
+    names = list(rows)
+    if not names or max_new_tokens < 1:
+        return {n: [] for n in names}
+    others = {n: m for n, m in rows.items() if m is not base}
+    base_cache, caches = prefill_rows(base, others, prompt[:, :-1], first)
+    for n in names:
+        caches.setdefault(n, base_cache)  # the base as a row decodes in its own (full) prefill cache
+    splits = {n: FrozenPrefix(rows[n], first) for n in names}
+    lower_split = FrozenPrefix(base, first)
+    # The lower layers' cache as a batch of one row each: the prompt's entries repeated (each step's concatenation
+    # materialises them, as a per-row cache's would), the layers from ``first`` up left empty and never reached.
+    lower = DynamicCache(config=base.config)  # type: ignore[arg-type]
+    for i in range(first):
+        layer: Any = copy.copy(base_cache.layers[i])
+        layer.keys = layer.keys.expand(len(names), *layer.keys.shape[1:])
+        layer.values = layer.values.expand(len(names), *layer.values.shape[1:])
+        lower.layers[i] = layer
+    stops = set(int(t) for t in eos)
+    out: dict[str, list[int]] = {n: [] for n in names}
+    live = list(range(len(names)))
+    tokens = prompt[:, -1:].expand(len(names), 1).clone()
+    while live:
+        for r in live:
+            # This row's view of the lower layers' cache *before* this step: the row's forward reads its past
+            # length (positions, masks) there; its own lower layers are skipped and never append to it.
+            cache = caches[names[r]]
+            for i in range(first):
+                src: Any = lower.layers[i]
+                mine = copy.copy(src)
+                mine.keys, mine.values = src.keys[r : r + 1], src.values[r : r + 1]
+                cache.layers[i] = mine
+        hidden = lower_split.capture(input_ids=tokens, past_key_values=lower, use_cache=True)
+        for r in list(live):
+            name = names[r]
+            with splits[name].replay(hidden[r : r + 1]):
+                logits = rows[name](input_ids=tokens[r : r + 1], past_key_values=caches[name], use_cache=True,
+                                    logits_to_keep=1).logits
+            nxt = int(logits[0, -1].argmax())
+            out[name].append(nxt)
+            tokens[r, 0] = nxt
+            if nxt in stops or len(out[name]) >= max_new_tokens or (stop is not None and stop(out[name])):
+                live.remove(r)  # its lower-layer row keeps being fed (its last token), its top layers stop
+    return out
+
+
 def same_below(base: nn.Module, row: nn.Module, first: int) -> bool:
     """Whether ``row`` has exactly ``base``'s parameters in decoder layers ``0 .. first-1`` and its embeddings."""
     a = FrozenPrefix(base, first).frozen_parameters()
@@ -279,4 +353,5 @@ def same_below(base: nn.Module, row: nn.Module, first: int) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-__all__ = ["FrozenPrefix", "FrozenPrefixError", "cached_hidden", "decoder_layers", "prefill_rows", "same_below"]
+__all__ = ["FrozenPrefix", "FrozenPrefixError", "cached_hidden", "decoder_layers", "greedy_rows", "prefill_rows",
+           "same_below"]

@@ -235,18 +235,29 @@ class Study:
             per_rank += int(w.shape[0]) + int(w.shape[1])
         return max(1, round(count / per_rank))
 
+    def planned(self, row: Row, seed: int, lr: float, schedule: str | None, tag: str = "") -> Any:
+        """The ``TrainConfig`` of one row's run; its folder name says row, seed, rate and schedule."""
+        if not (row.method in registry.METHODS and registry.config_class(row.method).uses_lambda_schedule):
+            schedule = None  # not a setting of this row: its name and config do not carry it
+        name = f"{row.label}-s{seed}-lr{lr:g}{f'-{schedule}' if schedule else ''}{tag}"
+        return self.train_config(row, seed, lr, schedule, name)
+
     def run(self, row: Row, seed: int, lr: float, schedule: str | None, tag: str = "") -> Path:
         """Train one row (or reuse its finished run) and return its run folder."""
         import warnings
 
         from .train import train
 
-        if not (row.method in registry.METHODS and registry.config_class(row.method).uses_lambda_schedule):
-            schedule = None  # not a setting of this row: its name and config do not carry it
-        name = f"{row.label}-s{seed}-lr{lr:g}{f'-{schedule}' if schedule else ''}{tag}"
-        tc = self.train_config(row, seed, lr, schedule, name)
+        tc = self.planned(row, seed, lr, schedule, tag)
         out = Path(tc.out)
+        name = out.name
         if (out / "run.json").is_file():
+            from .train import describe_diff, read_run, settings_diff
+
+            diffs = settings_diff(read_run(out).get("config", {}), tc)
+            if diffs:  # a reused run must be the run this study would train
+                raise StudyError(f"{out} holds a run trained with other settings ({describe_diff(diffs, 'there')}); "
+                                 "give the study another --out, or remove that run to retrain it")
             return out
         self.log(f"training {name}")
         start = time.perf_counter()
@@ -308,17 +319,24 @@ class Study:
     def select(self) -> dict[str, Any]:
         """Learning rate per protocol (by its baseline) and the lambda schedule (by the first lambda method row),
         on validation with seed 0; cached in ``selection.json`` under a key of the settings involved."""
+        from .train import jsonable, settings_diff
+
         path = self.out / "selection.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
         scores: dict[str, float] = saved.get("scores", {})
+        # each score's training settings: a score is reused (without its run folder) only for the same settings
+        settings: dict[str, dict[str, Any]] = saved.get("settings", {})
 
         def score(row: Row, lr: float, schedule: str | None) -> float:
+            tc = self.planned(row, 0, lr, schedule)
+            key = Path(tc.out).name
+            if key in scores and key in settings and not settings_diff(settings[key], tc):
+                return scores[key]
             run_dir = self.run(row, 0, lr, schedule)
-            key = run_dir.name
-            if key not in scores:
-                scores[key] = self.answer_nll(self.trained(run_dir))
-                _write_json(path, {"scores": scores})
-                self.log(f"validation {key}: answer NLL {scores[key]:.4f}")
+            scores[key] = self.answer_nll(self.trained(run_dir))
+            settings[key] = jsonable(tc.to_dict())
+            _write_json(path, {"scores": scores, "settings": settings})
+            self.log(f"validation {key}: answer NLL {scores[key]:.4f}")
             return scores[key]
 
         base_key = "base"
@@ -345,7 +363,7 @@ class Study:
             schedule = min(self.cfg.schedules, key=lambda s: (score(r0, lr, s), self.cfg.schedules.index(s)))
         elif lam:
             schedule = self.cfg.schedules[0]
-        chosen = {"learning_rate": lrs, "lambda_schedule": schedule, "scores": scores,
+        chosen = {"learning_rate": lrs, "lambda_schedule": schedule, "scores": scores, "settings": settings,
                   "decided_by": {p: b for p, b in row_protocols(self.cfg.rows).items()}, "lr_tried": tried,
                   "schedule_decided_by": lam[0].label if lam and len(self.cfg.schedules) > 1 else None}
         _write_json(path, chosen)
@@ -366,10 +384,14 @@ class Study:
 
         from .data.formatting import encode_for_training
         from .data.retrieval import LITM_FORMAT
-        from .evaluate import AnswerLineEnded, answer_text, eos_token_ids, score_predictions
-        from .frozen import prefill_rows
+        from .evaluate import AnswerLineEnded, answer_line_ended, answer_text, eos_token_ids, score_predictions
+        from .frozen import greedy_rows
 
         eos = eos_token_ids(self.base, self.tok)
+
+        def line_ended(ids: list[int]) -> bool:
+            return answer_line_ended(self.tok, ids)
+
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos[0]
         results: dict[str, list[dict[str, Any]]] = {}
         for name, k, position in self.cfg.settings:
@@ -385,19 +407,19 @@ class Study:
                     enc = encode_for_training(ex, self.tok, fmt=LITM_FORMAT)
                     prompt = torch.tensor([enc.input_ids[: enc.prompt_length]])
                     start = time.perf_counter()
-                    caches: dict[str, Any] = {m: None for m in missing}  # every layer trained: a plain prefill
-                    if self.first:
-                        base_cache, caches = prefill_rows(
-                            self.base, {m: models[m] for m in missing if m != BASE}, prompt[:, :-1], self.first)
-                        caches[BASE] = base_cache
-                    for m in missing:
-                        model: Any = self.base if m == BASE else models[m]
-                        out = model.generate(
-                            input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=caches[m],
+                    if self.first:  # the rows share the frozen layers: decode them together (greedy_rows)
+                        new = greedy_rows(self.base, {m: models[m] for m in missing}, prompt, self.first,
+                                          max_new_tokens=self.cfg.max_new_tokens, eos=eos, stop=line_ended)
+                    else:  # every layer trained: each model generates alone
+                        gen: dict[str, Any] = models
+                        new = {m: gen[m].generate(
+                            input_ids=prompt, attention_mask=torch.ones_like(prompt),
                             max_new_tokens=self.cfg.max_new_tokens, do_sample=False, num_beams=1,
                             eos_token_id=eos, pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-                            stopping_criteria=StoppingCriteriaList([AnswerLineEnded(self.tok, prompt.shape[1])]))
-                        text = answer_text(self.tok, out[0, prompt.shape[1]:].tolist(), eos)
+                            stopping_criteria=StoppingCriteriaList([AnswerLineEnded(self.tok, prompt.shape[1])]),
+                        )[0, prompt.shape[1]:].tolist() for m in missing}
+                    for m in missing:
+                        text = answer_text(self.tok, new[m], eos)
                         pred = score_predictions([ex], [(text, 0)])[0]
                         answers[m] = {"digest": digests[m], "prediction": text,
                                       "best_subspan_em": pred.best_subspan_em, "exact_match": pred.exact_match,
@@ -520,21 +542,20 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     runs: dict[str, Path] = {}
     models: dict[str, nn.Module] = {}
     digests = {BASE: "base"}
-    # Seed by seed: every row of one seed is trained, then answers the test prompts (the base's prefill shared by
-    # the rows of that seed), so an interrupted study already has complete results for its first seeds.
+    # Every row of every seed is trained first, then all of them answer each test prompt together: the base's
+    # prefill of the frozen layers, and each decoding step's pass through them, are shared by every seed's rows.
+    # Each answered question is saved at once, so an interrupted study resumes where it stopped.
     for seed in cfg.seeds:
-        mine = {}
         for label in cfg.rows:
             row = parse_row(label)
             key = f"{label}@{seed}"
             runs[key] = study.run(row, seed, lrs[row.protocol], schedule)
-            mine[key] = study.trained(runs[key])
+            models[key] = study.trained(runs[key])
             digests[key] = _run_digest(runs[key])
-        models.update(mine)
-        reporter = Progress(len(cfg.settings) * len(study.test), f"test, seed {seed}") if cfg.progress else None
-        start = time.perf_counter()
-        study.evaluate({BASE: study.base, **mine}, digests, _advancer(reporter))
-        study.timings[f"test answers, seed {seed} (this call)"] = time.perf_counter() - start
+    reporter = Progress(len(cfg.settings) * len(study.test), "test answers") if cfg.progress else None
+    start = time.perf_counter()
+    study.evaluate({BASE: study.base, **models}, digests, _advancer(reporter))
+    study.timings["test answers (this call)"] = time.perf_counter() - start
     answers = study.collect({BASE: study.base, **models}, digests)
     start = time.perf_counter()
     attention = study.attention_to_gold(models)

@@ -652,12 +652,12 @@ def settings_diff(recorded: dict[str, Any], config: TrainConfig) -> dict[str, di
     ``{name: {"recorded": old, "now": new}}``; a field missing from an older record counts as its default."""
     defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)  # type: ignore[misc]
                 for f in dataclasses.fields(TrainConfig)}
-    now = _jsonable(config.to_dict())
-    return {k: {"recorded": recorded.get(k, _jsonable(defaults.get(k))), "now": v} for k, v in now.items()
-            if k not in RESUME_FREE and recorded.get(k, _jsonable(defaults.get(k))) != v}
+    now = jsonable(config.to_dict())
+    return {k: {"recorded": recorded.get(k, jsonable(defaults.get(k))), "now": v} for k, v in now.items()
+            if k not in RESUME_FREE and recorded.get(k, jsonable(defaults.get(k))) != v}
 
 
-def _describe(diffs: dict[str, dict[str, Any]], where: str = "in the checkpoint") -> str:
+def describe_diff(diffs: dict[str, dict[str, Any]], where: str = "in the checkpoint") -> str:
     return "; ".join(f"{k}: {d['recorded']!r} {where}, {d['now']!r} now" for k, d in diffs.items())
 
 
@@ -679,7 +679,7 @@ def _check_resume(config: TrainConfig, last: str) -> list[dict[str, Any]]:
     if diffs:
         if not config.force_resume:
             raise TrainError(
-                f"{Path(last).parent}: {Path(last).name} was trained with other settings ({_describe(diffs)}); "
+                f"{Path(last).parent}: {Path(last).name} was trained with other settings ({describe_diff(diffs)}); "
                 "resuming would mix them. Resume with the recorded settings, or pass --force-resume "
                 "(force_resume=True) to continue with the new ones (run.json then records the change)"
             )
@@ -697,7 +697,7 @@ def _finished_run(config: TrainConfig, out: Path, model: nn.Module | None, token
     diffs = settings_diff(run.get("config", {}), config)
     if diffs:
         raise TrainError(f"{out} holds a finished run trained with other settings "
-                         f"({_describe(diffs, 'in run.json')}); a finished run is not continued: choose another "
+                         f"({describe_diff(diffs, 'in run.json')}); a finished run is not continued: choose another "
                          "--out to train with the new settings")
     if model is None:
         model, tokenizer = _load_model(config)
@@ -811,7 +811,7 @@ def train(
         callbacks=[LambdaCallback(), LambdaHistory(), *callbacks],
         method_model=base if config.kind == "method+lora" else None,
         trainable_only=config.kind in ("method", "method+attn", "none"),
-        record={"config": _jsonable(config.to_dict()), "resume_overrides": resume_overrides},
+        record={"config": jsonable(config.to_dict()), "resume_overrides": resume_overrides},
     )
     if not config.progress:
         # Without the progress bar the Trainer prints every log dict instead; progress=False means quiet (the
@@ -860,7 +860,7 @@ def train(
         "resume_overrides": resume_overrides,
         "versions": _versions(),
     }
-    run["lora"] = _jsonable(run["lora"])
+    run["lora"] = jsonable(run["lora"])
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
         _write_outputs(out, config.kind, train_model, base, lm_head=config.lm_head, top=config.top_layers)
@@ -952,7 +952,7 @@ def _frozen_prefix(
     return split, out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
