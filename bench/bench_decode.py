@@ -112,7 +112,7 @@ def main() -> None:
     rounds = a.rounds or d["rounds"]
     new_tokens = a.new_tokens or d["new_tokens"]
     methods = a.methods or B.trainable_methods()
-    labels = [*B.BASELINES, *methods]
+    labels = [*B.REFERENCES, *methods]
     if "opamp" in methods:
         labels.append("opamp re-run")
     if "diff" in methods and not a.no_peers:

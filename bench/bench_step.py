@@ -65,7 +65,7 @@ def table(times: dict[int, dict[str, list[float]]], mem: dict[int, dict[str, flo
     ) + "".join(f" | peak mem/stock @{n}" for n in mem_lengths) + " | targets met |"
     lines = [head, "|" + "---|" * (2 + 2 * len(lengths) + len(mem_lengths))]
     for lab in labels:
-        held = lab not in B.BASELINES and lab not in B.PEERS
+        held = lab not in B.REFERENCES and lab not in B.PEERS
         cells, ok = [], []
         for n in lengths:
             t = times[n]
@@ -128,7 +128,7 @@ def main() -> None:
     mem_parallel = a.mem_parallel or d["mem_parallel"]
     methods = a.methods or B.trainable_methods()
     peers = [] if a.no_peers or "diff" not in methods else list(B.PEERS)
-    labels = [*B.BASELINES, *methods, *peers]
+    labels = [*B.REFERENCES, *methods, *peers]
 
     t_start = time.perf_counter()
     mem: dict[int, dict[str, float]] = {}

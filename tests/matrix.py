@@ -1,21 +1,123 @@
-"""The checks every method file runs on every family (the test matrix of the core issue), written once.
+"""The test matrix: one table of cases, run over every family, and the checks it runs, written once.
+
+``CASES`` is the table, in the shape of peft's ``TEST_CASES``: a row is a method with options. What a row *is*
+(trainable, driven by the lambda schedule, mergeable) is read from the library's flags (the properties of
+:class:`Case`), never from lists kept here; the few facts no library flag states are row options, marked "row
+option" on :class:`Case`. tests/test_matrix.py runs every common check over ``FAMILIES x CASES`` and fails when a
+registered method has no row. The per-method test files take their rows from here and keep only what is specific
+to a method: its formula against an independent reference, what it caches, its own loaders and options.
+
+Adding a method: the method file in the library, then its rows here (its default options first: :func:`plain` and
+other test files use that row) and its formula in its test file.
 
 Each ``check_*`` takes a patched (or stock) model and asserts against an independent reference: the same model on
-unpadded inputs, a full forward instead of incremental decoding, the stock model's logits, a freshly loaded copy.
-Method files keep their own parametrisation and add what is specific to them around these calls.
+unpadded inputs, a full forward instead of incremental decoding, the stock model's logits, a freshly loaded copy,
+the method's formula computed from the stock model (tests/reference.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from models import inputs, tiny
+from models import inputs, peaky, tiny
+from reference import patched_out
 from safetensors.torch import load_file, save_file
 
 import attndenoise as ad
+from attndenoise import registry
+
+ATOL = 2e-5
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the matrix: ``method`` with ``options`` (on top of the method's defaults)."""
+
+    id: str
+    method: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: row option: extra options under which the row is the stock model at init (SRA: zero thresholds; the
+    #: re-parameterised lambda starts at ``lambda_init``, so only a warm-up from 0 makes it the stock model); ``None``:
+    #: not the stock model at init, by design (DIFF's from-scratch options rescale by ``1 - lambda_init``)
+    identity: Mapping[str, Any] | None = field(default_factory=dict)
+    #: row option: no position sees a later one, so a prefix's logits are the full sequence's and decoding token by
+    #: token through the KV cache gives one full forward (False: DINT's printed column mean averages over later
+    #: rows; SRA's prefill edit depends on the prompt length and decoding steps are stock by design)
+    causal: bool = True
+    #: row option: generation with a static (pre-allocated) cache works (False: DINT's running state, written into
+    #: the storage a dynamic cache returns, refuses static caches)
+    static_cache: bool = True
+    #: row option: the model of a family the row runs on (SRA edits only peaky maps: on the near-uniform maps of a
+    #: random model it selects no row, and every check would pass vacuously)
+    model: Callable[[str], torch.nn.Module] = tiny
+
+    # -- traits, from the library's flags ------------------------------------------------------------------------
+    @property
+    def config_cls(self) -> type[ad.MethodConfig]:
+        return registry.config_class(self.method)
+
+    @property
+    def trainable(self) -> bool:
+        return self.config_cls.trainable
+
+    @property
+    def lambda_schedule(self) -> bool:
+        return self.config_cls.uses_lambda_schedule
+
+    @property
+    def mergeable(self) -> bool:
+        return self.method in registry.mergeable_methods()
+
+    def config(self, **extra: Any) -> ad.MethodConfig:
+        """The row's validated config with ``extra`` on top."""
+        return ad.config_for(self.method, **{**self.options, **extra})
+
+    def __str__(self) -> str:
+        return self.id
+
+
+#: the table. Option rows are there because they change a code path (another cache layout, another lambda, another
+#: way to form the second map), so every common check runs on them too.
+CASES: list[Case] = [
+    Case("daa", "daa"),
+    Case("daa_post", "daa", {"where": "post_rope"}),
+    Case("diffq", "diffq"),
+    Case("diffk", "diffk"),
+    Case("diffv", "diffv"),
+    Case("dex", "dex"),
+    Case("dex_shared", "dex", {"shared": True, "lambda_granularity": "layer"}),
+    Case("diff", "diff"),
+    Case("diff_reparam", "diff", {"lambda_reparam": True}, identity={"anneal_steps": 100}),
+    Case("diff_norm", "diff", {"head_norm": True}, identity=None),
+    Case("diff_scratch", "diff", {"pairing": True, "head_norm": True, "lambda_reparam": True, "lambda_init": "depth"},
+         identity=None),
+    Case("dint", "dint", static_cache=False),
+    Case("dint_reparam", "dint", {"lambda_reparam": True}, identity={"anneal_steps": 100}, static_cache=False),
+    Case("dint_noncausal", "dint", {"causal_integral": False}, causal=False, static_cache=False),
+    Case("lowrank", "lowrank_dint", {"rank": 4}, static_cache=False),
+    Case("lowrank_plain", "lowrank_dint", {"rank": 4, "temperature": "sqrt_d", "rotary": False}, static_cache=False),
+    Case("opamp", "opamp"),
+    Case("opamp_rerun", "opamp", {"cache_adapted_keys": False}),  # the authors' re-run of the key adapters
+    Case("opamp_repeated", "opamp", {"key_adapters": "repeated"}),  # the authors' Qwen2 key layout
+    Case("opamp_small", "opamp", {"layers": "every:2", "adapter_dim": 8, "cmrr": 4.0}),
+    Case("sra", "sra", {"b": 1, "t": 2}, identity={"alpha_inter": 0.0, "alpha_outer": 0.0}, causal=False,
+         model=peaky),
+]
+CASE: dict[str, Case] = {c.id: c for c in CASES}
+
+
+def cases(*methods: str) -> list[Case]:
+    """The rows of ``methods``, in table order."""
+    return [c for c in CASES if c.method in methods]
+
+
+def plain(method: str) -> Case:
+    """The first row of ``method``: its default options, or the few a tiny model needs for the method to act."""
+    return next(c for c in CASES if c.method == method)
 
 
 def randomize(model: torch.nn.Module, seed: int = 5) -> None:
@@ -30,18 +132,17 @@ def randomize(model: torch.nn.Module, seed: int = 5) -> None:
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
-def method_config(variants: Mapping[str, tuple[str, dict[str, Any]]], variant: str, **extra: Any) -> ad.MethodConfig:
-    """The config of a named test variant (``variants[variant] = (method, options)``) with ``extra`` on top."""
-    name, opts = variants[variant]
-    return ad.config_for(name, **{**opts, **extra})
+def method_config(case: Case | str, **extra: Any) -> ad.MethodConfig:
+    """The config of a row (or of its id) with ``extra`` on top."""
+    return (CASE[case] if isinstance(case, str) else case).config(**extra)
 
 
-def patched_model(variants: Mapping[str, tuple[str, dict[str, Any]]], family: str, variant: str, random: bool = True,
-                  **extra: Any) -> torch.nn.Module:
-    """A tiny ``family`` model with the variant applied at ``anneal_steps=0`` (lambda = its learned value), its
+def patched_model(family: str, case: Case | str, random: bool = True, **extra: Any) -> torch.nn.Module:
+    """The row's model of ``family`` with the row applied at ``anneal_steps=0`` (lambda = its learned value), its
     method parameters randomized unless ``random`` is False."""
-    model = tiny(family)
-    ad.apply(model, method_config(variants, variant, anneal_steps=0, **extra))
+    case = CASE[case] if isinstance(case, str) else case
+    model = case.model(family)
+    ad.apply(model, case.config(**{"anneal_steps": 0, **extra}))
     if random:
         randomize(model)
     return model
@@ -82,7 +183,8 @@ def check_causality(model: torch.nn.Module) -> None:
 
 def check_generate_cache_equals_no_cache(model: torch.nn.Module) -> None:
     """Greedy generation with the KV cache gives the tokens of generation without it, and prefill + one token at a
-    time gives the logits of one full forward."""
+    time gives the logits of one full forward, after a prefill of 8 tokens and of 3 (8 + 6 tokens run past the
+    sliding windows (6) of the tiny Mistral / Gemma models, whose cache drops old positions)."""
     x = inputs(batch=1, length=8)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -91,7 +193,9 @@ def check_generate_cache_equals_no_cache(model: torch.nn.Module) -> None:
         assert torch.equal(with_cache, without)
         full = model(with_cache).logits
         steps = incremental_logits(model, with_cache, 8)
+        chunked = incremental_logits(model, with_cache, 3)  # short prefill, then 11 single steps
     torch.testing.assert_close(steps, full, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, full, atol=2e-5, rtol=1e-4)
 
 
 def check_left_padding(model: torch.nn.Module) -> None:
@@ -127,26 +231,29 @@ def check_gradients_reach_only_method_parameters(model: torch.nn.Module, **forwa
     return method_params
 
 
-def check_save_load_round_trip(model: torch.nn.Module, family: str, tmp_path: Path) -> torch.nn.Module:
-    """``save`` writes the two adapter files and nothing else; ``load`` onto a stock model of the same family gives
-    exactly the saved model's logits. Returns the loaded model."""
+def check_save_load_round_trip(model: torch.nn.Module, family: str, tmp_path: Path,
+                               build: Callable[[str], torch.nn.Module] = tiny) -> torch.nn.Module:
+    """``save`` writes the two adapter files and nothing else; ``load`` onto a stock model of the same family
+    (``build(family)``) gives exactly the saved model's logits on the same layers. Returns the loaded model."""
     x = inputs()
     with torch.no_grad():
         want = model(x).logits
     ad.save(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attndenoise_config.json", "attndenoise_model.safetensors"]
-    fresh = ad.load(tiny(family), tmp_path)
+    fresh = ad.load(build(family), tmp_path)
     with torch.no_grad():
         got = fresh(x).logits
     assert torch.equal(got, want)
+    assert list(ad.method_modules(fresh)) == list(ad.method_modules(model))
     return fresh
 
 
 def check_remove_restores_stock(family: str, config: ad.MethodConfig,
-                                randomize_fn: Callable[[torch.nn.Module], None] = randomize) -> None:
+                                randomize_fn: Callable[[torch.nn.Module], None] = randomize,
+                                build: Callable[[str], torch.nn.Module] = tiny) -> None:
     """A method with random parameters changes the logits; ``remove`` gives back the stock logits exactly, the stock
     ``requires_grad`` flags and no method parameter."""
-    model = tiny(family)
+    model = build(family)
     x = inputs()
     with torch.no_grad():
         ref = model(x).logits
@@ -160,6 +267,17 @@ def check_remove_restores_stock(family: str, config: ad.MethodConfig,
         assert torch.equal(model(x).logits, ref)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert not any("attndenoise" in n for n, _ in model.named_parameters())
+
+
+def check_matches_reference(model: torch.nn.Module, x: torch.Tensor, want: torch.Tensor, layer: int = 1) -> None:
+    """Layer ``layer``'s attention output (before the output projection) equals ``want``, the method's formula
+    computed independently from the stock model, on the fused path and on the explicit-map reference path."""
+    got = patched_out(model, x, layer)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want.double(), atol=ATOL, rtol=1e-4)
+    with ad.reference_mode(model):
+        got_eager = patched_out(model, x, layer)
+    torch.testing.assert_close(got_eager.double(), want.double(), atol=ATOL, rtol=1e-4)
 
 
 def rewrite_adapter(path: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:

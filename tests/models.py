@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from transformers import (
@@ -84,6 +85,33 @@ def tiny(family: str, seed: int = 0) -> PreTrainedModel:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias") or "ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def peaky(family: str, seed: int = 0, layers: int = 4, window: int = 24) -> PreTrainedModel:
+    """A tiny ``layers``-layer model of ``family`` with peaky attention (query/key projections x 15), sliding windows
+    widened to ``window``: what SRA needs to select and edit rows (it edits nothing on near-uniform random maps)."""
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=2)
+        model = GPT2LMHeadModel(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "ln_" in name or name.endswith(".bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+    else:
+        with mock.patch.dict(_COMMON, num_hidden_layers=layers):
+            model = tiny(family, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and any(s in name for s in ("q_proj", "k_proj", "qkv_proj", "c_attn")):
+                p.mul_(15.0)
+    if getattr(model.config, "sliding_window", None):  # a window of 6 hides every SRA target; 24 some of them
+        model.config.sliding_window = window
+        for m in model.modules():
+            if getattr(m, "sliding_window", None):
+                m.sliding_window = window
     return model
 
 

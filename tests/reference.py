@@ -1,7 +1,7 @@
 """Independent references for the tests: stock transformers computations and explicit maps, written here.
 
 Nothing in this file imports attndenoise: it captures what the *stock* model computes and builds explicit
-attention maps with plain torch, so a method's fused output can be checked against the SPEC formulas.
+attention maps with plain torch, so a method's fused output can be checked against its formula (docs/methods.md).
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def test_config_round_trips_through_dict() -> None:
     assert again == cfg
 
 
-# -- the lambda schedule (SPEC 1) ---------------------------------------------------------------------------------
+# -- the lambda schedule (docs/methods.md, section Lambda schedule) ---------------------------------------------
 
 
 def _literal(t: int, T: int, init: float, learn: float) -> float:

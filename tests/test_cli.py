@@ -17,3 +17,10 @@ def test_methods_lists_every_registered_method() -> None:
 def test_unknown_command_fails() -> None:
     result = CliRunner().invoke(app, ["no-such-command"])
     assert result.exit_code != 0
+
+
+def test_cli_task_names_are_the_evaluation_tasks() -> None:
+    from attndenoise.cli.evaluate import TASK_NAMES
+    from attndenoise.evaluate import TASKS
+
+    assert TASK_NAMES == TASKS

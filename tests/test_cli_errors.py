@@ -484,8 +484,9 @@ def test_eval_applies_an_inference_only_method(f: dict[str, Path], tmp_path: Pat
 
 
 def test_train_notes_settings_that_leave_lambda_near_zero() -> None:
-    """The note of issue 12 item 6: printed for the literal "paper" schedule (measured on the tiny model to give the
-    base model's accuracy), not when lambda follows the linear schedule or nothing has a lambda schedule."""
+    """The note that the settings leave lambda near zero: printed for the literal "paper" schedule (measured on the
+    tiny model to give the base model's accuracy), not when lambda follows the linear schedule or nothing has a
+    lambda schedule."""
     from attndenoise.cli.train import lambda_note
     from attndenoise.train import TrainConfig
 

@@ -1,84 +1,37 @@
-"""The core test matrix (issue: core library) for DAA, DiffQ, DiffK, DiffV and DEX on every supported family.
+"""DAA, DiffQ, DiffK, DiffV and DEX: each method's output against its formula, and the library API around them.
 
-Every numeric check compares against an independent reference: the stock model (identity, remove, causality,
-cache), explicit maps built in tests/reference.py from what the stock model computes, or a stock model whose
-projection weights were changed so that it computes the SPEC formula for us (DiffQ/K/V).
+The common checks (identity at init, causality, cache, padding, gradients, save / load, merge, remove) run for these
+rows of the table in tests/test_matrix.py. Here every number is compared against an independent reference: explicit
+maps built in tests/reference.py from what the stock model computes, or a stock model whose projection weights were
+changed so that it computes the method's formula for us (DiffQ/K/V; docs/methods.md, sections DAA, DiffQ, DiffK,
+DiffV and DEX).
 """
 
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import pytest
 import torch
-from matrix import (
-    check_causality,
-    check_generate_cache_equals_no_cache,
-    check_gradients_reach_only_method_parameters,
-    check_left_padding,
-    check_remove_restores_stock,
-    check_save_load_round_trip,
-    method_config,
-    patched_model,
-    rewrite_adapter,
-)
+from matrix import Case, cases, check_matches_reference, patched_model, rewrite_adapter
 from models import FAMILIES, VOCAB, inputs, tiny
 from reference import (
     apply_map,
     capture,
     explicit_map,
     heads_last,
-    patched_out,
     rope,
     set_projection,
 )
 
 import attndenoise as ad
 
-# (method, options): the variants every family is tested with
-VARIANTS = {
-    "daa": ("daa", {}),
-    "daa_post": ("daa", {"where": "post_rope"}),
-    "diffq": ("diffq", {}),
-    "diffk": ("diffk", {}),
-    "diffv": ("diffv", {}),
-    "dex": ("dex", {}),
-    "dex_shared": ("dex", {"shared": True, "lambda_granularity": "layer"}),
-}
-ATOL = 2e-5
+# -- fused output == the method's formula ---------------------------------------------------------------------------
 
 
-make = partial(method_config, VARIANTS)
-patched = partial(patched_model, VARIANTS)
-
-
-#: every variant: identity and the SPEC reference
-FULL = [(f, v) for f in FAMILIES for v in VARIANTS]
-#: one variant per method for the behavioural checks (option variants change no cache / padding / io code path)
-MATRIX = [(f, v) for f in FAMILIES for v in ("daa", "diffq", "diffk", "diffv", "dex")]
-
-
-# -- identity at init ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family,variant", FULL)
-@pytest.mark.parametrize("anneal", [0, 100])
-def test_identity_at_init(family: str, variant: str, anneal: int) -> None:
-    model = tiny(family)
-    x = inputs()
-    with torch.no_grad():
-        ref = model(x).logits
-        ad.apply(model, make(variant, anneal_steps=anneal))
-        out = model(x).logits
-    assert (out - ref).abs().max() < 1e-5
-
-
-# -- fused output == explicit SPEC formulas -----------------------------------------------------------------------
-
-
-def expected_output(family: str, variant: str, stock, model, x):  # type: ignore[no-untyped-def]
-    """The SPEC formula for the last layer, computed from the stock model and the method's parameters."""
+def expected_output(case: Case, stock, model, x):  # type: ignore[no-untyped-def]
+    """The method's formula (docs/methods.md) for the last layer, computed from the stock model and the method's
+    parameters."""
     layer = 1
     c = capture(stock, x, layer)
     m = ad.method_modules(model)[layer]
@@ -88,11 +41,11 @@ def expected_output(family: str, variant: str, stock, model, x):  # type: ignore
     def maps(q, k):  # type: ignore[no-untyped-def]
         return apply_map(explicit_map(q, k, c.mask, c.scaling, c.softcap), c.v)
 
-    name = VARIANTS[variant][0]
+    name = case.method
     lam4 = lam.view(1, -1, 1, 1)
     if name == "daa":
         w = m.weight.detach()
-        if VARIANTS[variant][1].get("where") == "post_rope":
+        if case.options.get("where") == "post_rope":
             q2 = c.q @ w
         else:
             q2 = rope(attn, c.q_pre @ w, c.pos)
@@ -117,92 +70,23 @@ def expected_output(family: str, variant: str, stock, model, x):  # type: ignore
         w = m.weight.detach().double()
         ext = torch.einsum("bnhd,hde->bnhe", o, w.expand(hd // d, d, d))
         return (o - lam.view(1, 1, -1, 1) * ext).reshape(b, n, hd)
-    raise AssertionError(variant)
-
-
-@pytest.mark.parametrize("family,variant", FULL)
-def test_fused_matches_spec_reference(family: str, variant: str) -> None:
-    stock = tiny(family)
-    model = patched(family, variant, layers=[1])
-    x = inputs()
-    want = expected_output(family, variant, stock, model, x)
-    got = patched_out(model, x, 1)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want.double(), atol=ATOL, rtol=1e-4)
-    # the reference path (explicit maps) computes the same thing
-    with ad.reference_mode(model):
-        got_eager = patched_out(model, x, 1)
-    torch.testing.assert_close(got_eager.double(), want.double(), atol=ATOL, rtol=1e-4)
-
-
-# -- causality, cache, padding ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_causality(family: str, variant: str) -> None:
-    check_causality(patched(family, variant))
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_generate_cache_equals_no_cache(family: str, variant: str) -> None:
-    check_generate_cache_equals_no_cache(patched(family, variant))
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_left_padding(family: str, variant: str) -> None:
-    check_left_padding(patched(family, variant))
-
-
-# -- training, saving, merging, removing -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_gradients_reach_only_method_parameters(family: str, variant: str) -> None:
-    check_gradients_reach_only_method_parameters(patched(family, variant))
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_save_load_round_trip(family: str, variant: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model = patched(family, variant)
-    ad.step(model, 7)
-    fresh = check_save_load_round_trip(model, family, tmp_path)
-    assert all(int(m.lam.step) == 7 for m in ad.method_modules(fresh).values())
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_remove_restores_stock(family: str, variant: str) -> None:
-    check_remove_restores_stock(family, make(variant, anneal_steps=0))
-
-
-MERGEABLE = ["diffv", "dex", "dex_shared"]
+    raise AssertionError(case)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", MERGEABLE)
-def test_merge_equals_unmerged(family: str, variant: str) -> None:
-    model = patched(family, variant)
+@pytest.mark.parametrize("case", cases("daa", "diffq", "diffk", "diffv", "dex"), ids=str)
+def test_fused_matches_reference(family: str, case: Case) -> None:
+    stock = tiny(family)
+    model = patched_model(family, case, layers=[1])
     x = inputs()
-    with torch.no_grad():
-        want = model(x).logits
-    ad.merge(model)
-    assert not any("attndenoise" in n for n, _ in model.named_parameters())
-    with torch.no_grad():
-        got = model(x).logits
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("variant", ["daa", "diffq", "diffk"])
-def test_merge_refused_for_two_map_methods(variant: str) -> None:
-    model = patched("llama", variant)
-    with pytest.raises(ad.NotMergeableError, match="mergeable methods: .*dex.*diffv"):
-        ad.merge(model)
+    check_matches_reference(model, x, expected_output(case, stock, model, x))
 
 
 # -- adapter files that do not fit ---------------------------------------------------------------------------------
 
 
-def _saved(tmp_path, family="llama", variant="daa"):  # type: ignore[no-untyped-def]
-    model = patched(family, variant)
+def _saved(tmp_path, family="llama", case="daa"):  # type: ignore[no-untyped-def]
+    model = patched_model(family, case)
     ad.save(model, tmp_path)
     return tmp_path
 
@@ -238,7 +122,7 @@ def test_load_rejects_other_architecture(tmp_path) -> None:  # type: ignore[no-u
 
 
 def test_adapter_config_is_plain_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    d = _saved(tmp_path, variant="dex")
+    d = _saved(tmp_path, case="dex")
     meta = json.loads((d / "attndenoise_config.json").read_text())
     assert meta["config"]["method"] == "dex" and meta["base"]["family"] == "llama"
 
@@ -247,7 +131,7 @@ def test_adapter_config_is_plain_json(tmp_path) -> None:  # type: ignore[no-unty
 
 
 def test_apply_twice_is_refused() -> None:
-    model = patched("llama", "daa")
+    model = patched_model("llama", "daa")
     with pytest.raises(ad.AlreadyAppliedError, match="already has method 'daa'"):
         ad.apply(model, ad.config_for("dex"))
 
@@ -271,7 +155,7 @@ def test_layer_selection() -> None:
 
 
 def test_diffk_caches_its_second_keys() -> None:
-    model = patched("llama", "diffk")
+    model = patched_model("llama", "diffk")
     out = model(inputs(batch=1, length=5), use_cache=True)
     keys = out.past_key_values.layers[0].keys
     assert keys.shape[-1] == 2 * 8  # K and K2 side by side, one cache entry per position
@@ -279,9 +163,10 @@ def test_diffk_caches_its_second_keys() -> None:
 
 
 def test_output_attentions_returns_combined_map() -> None:
-    """The map returned with output_attentions is the method's effective map A1 - lambda A2 (SPEC 9)."""
+    """The map returned with output_attentions is the method's effective map A1 - lambda A2 (what the attention
+    measures read: docs/methods.md, section Attention measures)."""
     stock = tiny("llama")
-    model = patched("llama", "daa_post", layers=[1])
+    model = patched_model("llama", "daa_post", layers=[1])
     x = inputs()
     c = capture(stock, x, 1)
     m = ad.method_modules(model)[1]

@@ -68,7 +68,7 @@ def test_demo_runs_every_row_and_reports_what_it_measured(tmp_path: Path) -> Non
     assert any(line.startswith("| none | attention | ") and "| base |" in line for line in lines)
     assert any(line.startswith("| sra | inference | 0 | base | 0 |") for line in lines)
     assert "daa lambda_schedule=linear" in text
-    assert "SRA runs on the base model with alpha_inter=0.25" in text
+    assert "Inference-only methods run on the base model: sra with alpha_inter=0.25" in text
     assert run0["config"]["method_options"]["lambda_schedule"] == "linear"
     # Training time is the training loop's, read from each seed's run.json.
     secs = [json.loads((out / "runs" / f"seed{i}" / "daa+attn" / "run.json").read_text())["seconds"] for i in (0, 1)]
@@ -113,3 +113,14 @@ def test_demo_learning_rate_overrides_apply_per_row_and_are_checked(tmp_path: Pa
         _config(tmp_path, learning_rates={"nope": 1e-4})
     with pytest.raises(ValueError, match="positive"):
         _config(tmp_path, learning_rates={"daa": 0.0})
+
+
+def test_sra_options_is_a_deprecated_name_for_method_options_sra() -> None:
+    with pytest.warns(DeprecationWarning, match="sra_options is deprecated"):
+        cfg = DemoConfig(sra_options={"b": 3})
+    assert cfg.method_options["sra"]["b"] == 3 and cfg.method_options["sra"]["t"] == 24  # merged into the defaults
+    assert DemoConfig().method_options["sra"] == {"b": 2, "t": 24, "alpha_inter": 0.25, "alpha_outer": 0.25,
+                                                   "strengthen_inter": 2.0, "strengthen_outer": 2.0,
+                                                   "short_prompt": "skip"}
+    with pytest.raises(ValueError, match="method_options names unknown method"):
+        DemoConfig(method_options={"bogus": {}})

@@ -1,55 +1,29 @@
-"""DIFF attention retrofit (SPEC section 5) on every supported family, with the core test matrix.
+"""The DIFF attention retrofit (docs/methods.md, section DIFF retrofit; *Differential Transformer*, arXiv
+2410.05258) on every supported family.
 
-Independent references: the stock model (identity, remove, causality, cache, padding), explicit float64 maps built
-from what a stock model computes (a stock copy whose W_Q/W_K are replaced by the method's W_Q2/W_K2 computes Q2/K2
-for us, q_norm/k_norm and RoPE included), and transformers' own ``DiffLlamaForCausalLM`` for the from-scratch
-options (head pairing, output RMSNorm, (1 - lambda_init), re-parameterised lambda).
+The common checks (identity at init, causality, cache, padding, gradients, save / load, remove) run for the DIFF
+rows of the table in tests/test_matrix.py. Independent references here: explicit float64 maps built from what a
+stock model computes (a stock copy whose W_Q/W_K are replaced by the method's W_Q2/W_K2 computes Q2/K2 for us,
+q_norm/k_norm and RoPE included), and transformers' own ``DiffLlamaForCausalLM`` for the from-scratch options (head
+pairing, output RMSNorm, (1 - lambda_init), re-parameterised lambda).
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import pytest
 import torch
-from matrix import (
-    check_causality,
-    check_generate_cache_equals_no_cache,
-    check_gradients_reach_only_method_parameters,
-    check_left_padding,
-    check_remove_restores_stock,
-    check_save_load_round_trip,
-    left_pad,
-    method_config,
-    patched_model,
-    rewrite_adapter,
-)
+from matrix import Case, cases, check_matches_reference, left_pad, method_config, patched_model, rewrite_adapter
 from models import FAMILIES, VOCAB, inputs, tiny
-from reference import apply_map, attention_modules, capture, explicit_map, heads_last, patched_out, with_qk
+from reference import apply_map, attention_modules, capture, explicit_map, heads_last, with_qk
 
 import attndenoise as ad
 
-# variant -> (method, options)
-VARIANTS = {
-    "diff": ("diff", {}),
-    "diff_reparam": ("diff", {"lambda_reparam": True}),
-    "diff_norm": ("diff", {"head_norm": True}),
-    "diff_scratch": (
-        "diff", {"pairing": True, "head_norm": True, "lambda_reparam": True, "lambda_init": "depth"},
-    ),
-}
-#: variants whose init is the stock model (the from-scratch options change it by design)
-RETROFIT = ["diff", "diff_reparam"]
-ATOL = 2e-5
-
-
-make = partial(method_config, VARIANTS)
-patched = partial(patched_model, VARIANTS)
-
 
 def lambda_of(m) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """lambda written out from the SPEC (anneal_steps=0), float64, shape (heads,) or (1,)."""
+    """lambda written out from its definition (anneal_steps=0: lambda_learn, or the re-parameterisation of
+    docs/methods.md, section DIFF retrofit), float64, shape (heads,) or (1,)."""
     lam = m.lam
     if hasattr(lam, "lambda_q1"):
         dot = [(getattr(lam, f"lambda_q{i}").double() * getattr(lam, f"lambda_k{i}").double()).sum(-1) for i in (1, 2)]
@@ -61,28 +35,14 @@ def norm_eps(model) -> float:  # type: ignore[no-untyped-def]
     return float(getattr(model.config, "rms_norm_eps", None) or model.config.layer_norm_epsilon)
 
 
-# -- identity at init ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize(
-    "variant,anneal,schedule",
-    [("diff", 0, "paper"), ("diff", 100, "paper"), ("diff_reparam", 100, "paper"), ("diff_reparam", 100, "linear")],
-)
-def test_identity_at_init(family: str, variant: str, anneal: int, schedule: str) -> None:
-    model = tiny(family)
-    x = inputs()
-    with torch.no_grad():
-        ref = model(x).logits
-        ad.apply(model, make(variant, anneal_steps=anneal, lambda_schedule=schedule))
-        out = model(x).logits
-    assert (out - ref).abs().max() < 1e-5
+# -- the re-parameterised lambda ---------------------------------------------------------------------------------
 
 
 def test_reparam_warmup_reaches_diff_lambda() -> None:
-    """lambda(0) = 0; past warm-up lambda = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init (module docstring)."""
+    """lambda(0) = 0; past warm-up lambda = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init (docs/methods.md, section
+    DIFF retrofit)."""
     model = tiny("llama")
-    ad.apply(model, make("diff_reparam", anneal_steps=10, lambda_init=0.5))
+    ad.apply(model, method_config("diff_reparam", anneal_steps=10, lambda_init=0.5))
     m = ad.method_modules(model)[0]
     assert torch.equal(m.lam(), torch.zeros(4))
     ad.step(model, 4)  # paper schedule: (1 - a)(t/T) lambda_init + a r, a = t/T
@@ -93,11 +53,11 @@ def test_reparam_warmup_reaches_diff_lambda() -> None:
     assert m.lam.lambda_q1.shape == (4, 8)  # per head, head_dim long
 
 
-# -- fused output == explicit SPEC formulas -----------------------------------------------------------------------
+# -- fused output == the formula ------------------------------------------------------------------------------------
 
 
-def expected_output(stock, model, x, variant: str, layer: int = 1) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    opts = VARIANTS[variant][1]
+def expected_output(stock, model, x, case: Case, layer: int = 1) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    opts = case.options
     c = capture(stock, x, layer)
     m = ad.method_modules(model)[layer]
     lam = lambda_of(m).view(1, -1, 1, 1)
@@ -122,23 +82,17 @@ def expected_output(stock, model, x, variant: str, layer: int = 1) -> torch.Tens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_matches_spec_reference(family: str, variant: str) -> None:
+@pytest.mark.parametrize("case", cases("diff"), ids=str)
+def test_fused_matches_reference(family: str, case: Case) -> None:
     stock = tiny(family)
-    model = patched(family, variant, layers=[1])
+    model = patched_model(family, case, layers=[1])
     x = inputs()
-    want = expected_output(stock, model, x, variant)
-    got = patched_out(model, x, 1)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=1e-4)
-    with ad.reference_mode(model):
-        got_eager = patched_out(model, x, 1)
-    torch.testing.assert_close(got_eager.double(), want, atol=ATOL, rtol=1e-4)
+    check_matches_reference(model, x, expected_output(stock, model, x, case))
 
 
 def test_output_attentions_is_the_difference_map() -> None:
     stock = tiny("qwen3")
-    model = patched("qwen3", "diff", layers=[1])
+    model = patched_model("qwen3", "diff", layers=[1])
     x = inputs()
     c = capture(stock, x, 1)
     m = ad.method_modules(model)[1]
@@ -151,51 +105,13 @@ def test_output_attentions_is_the_difference_map() -> None:
     torch.testing.assert_close(att[1].double(), want, atol=1e-5, rtol=1e-4)
 
 
-# -- causality, cache, padding ------------------------------------------------------------------------------------
-
-MATRIX = [(f, v) for f in FAMILIES for v in ("diff", "diff_reparam", "diff_scratch")]
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_causality(family: str, variant: str) -> None:
-    check_causality(patched(family, variant))
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_generate_cache_equals_no_cache(family: str, variant: str) -> None:
-    check_generate_cache_equals_no_cache(patched(family, variant))
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_left_padding(family: str, variant: str) -> None:
-    check_left_padding(patched(family, variant))
-
-
-# -- training, saving, removing ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_gradients_reach_only_method_parameters(family: str, variant: str) -> None:
-    check_gradients_reach_only_method_parameters(patched(family, variant))
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_save_load_round_trip(family: str, variant: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model = patched(family, variant)
-    ad.step(model, 7)
-    fresh = check_save_load_round_trip(model, family, tmp_path)
-    assert all(int(m.lam.step) == 7 for m in ad.method_modules(fresh).values())
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_remove_restores_stock(family: str, variant: str) -> None:
-    check_remove_restores_stock(family, make(variant, anneal_steps=0))
+# -- what the retrofit copies and caches ----------------------------------------------------------------------
 
 
 def test_second_projections_are_copies_not_views() -> None:
     """W_Q2/W_K2 start equal to W_Q/W_K (biases too) and are their own tensors: training them leaves the base."""
     model = tiny("qwen2")  # q/k biases
-    ad.apply(model, make("diff"))
+    ad.apply(model, method_config("diff"))
     attn = attention_modules(model)[0]
     pr = ad.method_modules(model)[0].proj2
     assert torch.equal(pr.q_weight, attn.q_proj.weight) and torch.equal(pr.k_bias, attn.k_proj.bias)
@@ -205,7 +121,7 @@ def test_second_projections_are_copies_not_views() -> None:
 
 
 def test_k2_is_cached_next_to_k() -> None:
-    model = patched("llama", "diff")
+    model = patched_model("llama", "diff")
     out = model(inputs(batch=1, length=5), use_cache=True)
     layer = out.past_key_values.layers[0]
     assert layer.keys.shape == (1, 2, 5, 16)  # K and K2 side by side
@@ -213,7 +129,7 @@ def test_k2_is_cached_next_to_k() -> None:
 
 
 def test_pairing_caches_paired_values_in_place_of_v() -> None:
-    model = patched("llama", "diff_scratch")
+    model = patched_model("llama", "diff_scratch")
     out = model(inputs(batch=1, length=5), use_cache=True)
     layer = out.past_key_values.layers[0]
     assert layer.keys.shape == (1, 2, 5, 8)
@@ -240,7 +156,7 @@ def diffllama_pair(heads: int, kv_heads: int):  # type: ignore[no-untyped-def]
     # q/k/v/o projections have the same layout in both (DiffLlama pairs heads inside its forward, not its weights)
     res = ours.load_state_dict(ref.state_dict(), strict=False)
     assert not res.missing_keys and all(".lambda_" in k for k in res.unexpected_keys)
-    cfg = make("diff_scratch", anneal_steps=0, lambda_granularity="layer")
+    cfg = method_config("diff_scratch", anneal_steps=0, lambda_granularity="layer")
     ad.apply(ours, cfg)
     with torch.no_grad():
         for i, m in ad.method_modules(ours).items():
@@ -272,10 +188,19 @@ def test_matches_transformers_diffllama(heads: int, kv_heads: int) -> None:
 def test_pairing_needs_even_kv_heads() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from attndenoise.patch import state_of
+
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=1))
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
     with pytest.raises(ad.ConfigError, match="pairing=True needs an even number .* 4 query and 1 key/value"):
-        ad.apply(model, make("diff_scratch"))
+        ad.apply(model, method_config("diff_scratch"))
+    # A refused apply leaves the model as it was: nothing frozen, nothing attached (a regression: the base used to be
+    # frozen before the method modules were built, so this refusal left every parameter frozen).
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {n: g for n, (g, _) in before.items()}
+    assert all(torch.equal(p, before[n][1]) for n, p in model.named_parameters())
+    assert state_of(model) is None
+    ad.apply(model, ad.config_for("daa"))  # and it can still be patched
 
 
 # -- configs and adapter files that do not fit ---------------------------------------------------------------------
@@ -296,25 +221,25 @@ def test_bad_values_are_explained(kw: dict, msg: str) -> None:
 
 def test_norm_eps_resolved_from_model_and_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = tiny("gemma3")
-    ad.apply(model, make("diff_norm"))
+    ad.apply(model, method_config("diff_norm"))
     assert ad.patch.require_state(model).config.norm_eps == model.config.rms_norm_eps
-    assert make("diff_norm").norm_eps is None  # the user's config is not mutated
+    assert method_config("diff_norm").norm_eps is None  # the user's config is not mutated
 
 
 def test_load_rejects_mis_shaped_and_missing_tensors(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    ad.save(patched("qwen2", "diff_reparam"), tmp_path / "a")
+    ad.save(patched_model("qwen2", "diff_reparam"), tmp_path / "a")
     rewrite_adapter(tmp_path / "a", lambda t: t.__setitem__("layers.1.proj2.k_weight", torch.zeros(16, 31)))
     model = tiny("qwen2")
     with pytest.raises(ad.AdapterLoadError, match=r"layers\.1\.proj2\.k_weight has shape \(16, 31\)"):
         ad.load(model, tmp_path / "a")
     assert ad.patch.state_of(model) is None
-    ad.save(patched("qwen2", "diff_reparam"), tmp_path / "b")
+    ad.save(patched_model("qwen2", "diff_reparam"), tmp_path / "b")
     rewrite_adapter(tmp_path / "b", lambda t: t.pop("layers.0.lam.lambda_k2"))
     with pytest.raises(ad.AdapterLoadError, match=r"missing tensor\(s\) layers\.0\.lam\.lambda_k2"):
         ad.load(tiny("qwen2"), tmp_path / "b")
 
 
 def test_load_rejects_other_architecture(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    ad.save(patched("llama", "diff"), tmp_path)
+    ad.save(patched_model("llama", "diff"), tmp_path)
     with pytest.raises(ad.AdapterLoadError, match="family: adapter 'llama' vs model 'mistral'"):
         ad.load(tiny("mistral"), tmp_path)

@@ -1,24 +1,23 @@
-"""DINT and low-rank DINT (SPEC section 7) on every supported family, with the core test matrix.
+"""DINT and low-rank DINT (docs/methods.md, sections DINT and Low-rank DINT; *DINT Transformer*, arXiv 2501.17486,
+and the slides *Low rank attention denoising*, Okhotnikov, MIPT 2025) on every supported family.
 
-Independent references: the stock model (identity, remove, causality, cache, padding) and explicit float64 maps
-``lambda A3 + A1 - lambda A2`` built here from what a stock model computes, with ``A3`` written out as the causal
-row mean of ``A1`` (or the printed column mean for ``causal_integral=False``). The decoding state is checked
-against full recomputation on sliding-window families (windows of 6, sequences longer than that), with left
-padding, cache cropping, beam search and a 16-bit cache.
+The common checks (identity at init, causality, cache, padding, gradients, save / load, remove) run for the DINT
+rows of the table in tests/test_matrix.py. Independent references here: explicit float64 maps
+``lambda A3 + A1 - lambda A2`` built from what a stock model computes, with ``A3`` written out as the causal row
+mean of ``A1`` (or the printed column mean for ``causal_integral=False``). The decoding state is checked against
+full recomputation on sliding-window families (windows of 6, sequences longer than that), with left padding, cache
+cropping, beam search and a 16-bit cache.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 from matrix import (
-    check_causality,
-    check_gradients_reach_only_method_parameters,
-    check_left_padding,
-    check_remove_restores_stock,
-    check_save_load_round_trip,
+    ATOL,
+    Case,
+    cases,
+    check_matches_reference,
     incremental_logits,
     left_pad,
     method_config,
@@ -32,42 +31,13 @@ from transformers import DynamicCache
 
 import attndenoise as ad
 
-VARIANTS = {
-    "dint": ("dint", {}),
-    "dint_reparam": ("dint", {"lambda_reparam": True}),
-    "dint_noncausal": ("dint", {"causal_integral": False}),
-    "lowrank": ("lowrank_dint", {"rank": 4}),
-    "lowrank_plain": ("lowrank_dint", {"rank": 4, "temperature": "sqrt_d", "rotary": False}),
-}
-ATOL = 2e-5
-
-
-make = partial(method_config, VARIANTS)
-patched = partial(patched_model, VARIANTS)
-
-
-# -- identity at init ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize(
-    "variant,anneal",
-    [("dint", 0), ("dint", 100), ("dint_reparam", 100), ("dint_noncausal", 0), ("lowrank", 0), ("lowrank", 100)],
-)
-def test_identity_at_init(family: str, variant: str, anneal: int) -> None:
-    model = tiny(family)
-    x = inputs()
-    with torch.no_grad():
-        ref = model(x).logits
-        ad.apply(model, make(variant, anneal_steps=anneal))
-        out = model(x).logits
-    assert (out - ref).abs().max() < 1e-5
+# -- the low-rank second map ----------------------------------------------------------------------------------
 
 
 def test_lowrank_second_map_starts_uniform() -> None:
     """W_up = 0 makes Q2 = K2 = 0, so A2 is the uniform causal map and O2 the running mean of V."""
     model = tiny("llama")
-    ad.apply(model, make("lowrank", anneal_steps=0))
+    ad.apply(model, method_config("lowrank", anneal_steps=0))
     m = ad.method_modules(model)[0]
     assert torch.equal(m.q_up, torch.zeros(32, 4)) and torch.equal(m.k_up, torch.zeros(16, 4))
     assert m.q_down.abs().max() <= 32**-0.5 and m.q_down.std() > 0
@@ -84,11 +54,11 @@ def test_lowrank_second_map_starts_uniform() -> None:
     torch.testing.assert_close(patched_out(model, x, 0).double(), want, atol=ATOL, rtol=1e-4)
 
 
-# -- fused output == explicit SPEC formulas -----------------------------------------------------------------------
+# -- fused output == the formula ------------------------------------------------------------------------------------
 
 
-def expected_output(stock, model, x, variant: str, layer: int = 1) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    name, opts = VARIANTS[variant]
+def expected_output(stock, model, x, case: Case, layer: int = 1) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    name, opts = case.method, case.options
     c = capture(stock, x, layer)
     m = ad.method_modules(model)[layer]
     lam = lambda_of(m).view(1, -1, 1, 1)
@@ -116,24 +86,18 @@ def expected_output(stock, model, x, variant: str, layer: int = 1) -> torch.Tens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_matches_spec_reference(family: str, variant: str) -> None:
+@pytest.mark.parametrize("case", cases("dint", "lowrank_dint"), ids=str)
+def test_fused_matches_reference(family: str, case: Case) -> None:
     stock = tiny(family)
-    model = patched(family, variant, layers=[1])
+    model = patched_model(family, case, layers=[1])
     x = inputs()
-    want = expected_output(stock, model, x, variant)
-    got = patched_out(model, x, 1)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=1e-4)
-    with ad.reference_mode(model):
-        got_eager = patched_out(model, x, 1)
-    torch.testing.assert_close(got_eager.double(), want, atol=ATOL, rtol=1e-4)
+    check_matches_reference(model, x, expected_output(stock, model, x, case))
 
 
 @pytest.mark.parametrize("variant", ["dint", "dint_noncausal"])
 def test_output_attentions_is_the_combined_map(variant: str) -> None:
     stock = tiny("qwen2")
-    model = patched("qwen2", variant, layers=[1])
+    model = patched_model("qwen2", variant, layers=[1])
     x = inputs()
     c = capture(stock, x, 1)
     m = ad.method_modules(model)[1]
@@ -150,44 +114,13 @@ def test_output_attentions_is_the_combined_map(variant: str) -> None:
     torch.testing.assert_close(att[1].double(), lam * a3 + a1 - lam * a2, atol=1e-5, rtol=1e-4)
 
 
-# -- causality, cache, padding ------------------------------------------------------------------------------------
-
-CAUSAL = ["dint", "dint_reparam", "lowrank", "lowrank_plain"]
-MATRIX = [(f, v) for f in FAMILIES for v in CAUSAL]
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_causality(family: str, variant: str) -> None:
-    check_causality(patched(family, variant))
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_generate_cache_equals_no_cache(family: str, variant: str) -> None:
-    """8 prompt + 6 new tokens: past the sliding windows (6) of mistral/gemma, whose cache drops old positions
-    while the integral still averages over all of them."""
-    model = patched(family, variant)
-    x = inputs(batch=1, length=8)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        with_cache = model.generate(x, use_cache=True, **kw)
-        without = model.generate(x, use_cache=False, **kw)
-        assert torch.equal(with_cache, without)
-        full = model(with_cache).logits
-        steps = incremental_logits(model, with_cache, 8)
-        chunked = incremental_logits(model, with_cache, 3)  # short prefill, then 11 single steps
-    torch.testing.assert_close(steps, full, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(chunked, full, atol=2e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_left_padding(family: str, variant: str) -> None:
-    check_left_padding(patched(family, variant))
+# -- the decoding state --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_decodes_like_each_example_alone(family: str) -> None:
     """The valid-position count travels with the cache: padded rows never enter sum or count while decoding."""
-    model = patched(family, "dint")
+    model = patched_model(family, "dint")
     long, short = inputs(batch=1, length=12, seed=3), inputs(batch=1, length=7, seed=4)
     ids_s, mask_s, _ = left_pad(short, 5)
     batch, mask = torch.cat([long, ids_s]), torch.cat([torch.ones_like(long), mask_s])
@@ -203,11 +136,8 @@ def test_left_padded_batch_decodes_like_each_example_alone(family: str) -> None:
     assert torch.equal(gen[1, 5:], gen_short[0])
 
 
-# -- the decoding state --------------------------------------------------------------------------------------------
-
-
 def test_state_rides_in_the_value_cache() -> None:
-    model = patched("llama", "dint")
+    model = patched_model("llama", "dint")
     out = model(inputs(batch=1, length=5), use_cache=True)
     layer = out.past_key_values.layers[0]
     assert layer.keys.shape == (1, 2, 5, 16)  # K and K2
@@ -217,7 +147,7 @@ def test_state_rides_in_the_value_cache() -> None:
 
 
 def test_cache_crop_then_continue() -> None:
-    model = patched("llama", "lowrank")
+    model = patched_model("llama", "lowrank")
     x = inputs(batch=2, length=14)
     with torch.no_grad():
         full = model(x).logits
@@ -230,7 +160,7 @@ def test_cache_crop_then_continue() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_beam_search_cache_equals_no_cache(family: str) -> None:
-    model = patched(family, "dint")
+    model = patched_model(family, "dint")
     x = inputs(batch=1, length=7)
     kw = dict(max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
     with torch.no_grad():
@@ -239,7 +169,7 @@ def test_beam_search_cache_equals_no_cache(family: str) -> None:
 
 def test_half_precision_cache_keeps_a_float32_state() -> None:
     """bf16 cache: the prefix sum and count are stored bit for bit as float32 (a bf16 count is inexact past 256)."""
-    model = patched("llama", "dint").to(torch.bfloat16)
+    model = patched_model("llama", "dint").to(torch.bfloat16)
     x = inputs(batch=1, length=301)
     with torch.no_grad():
         out = model(x[:, :300], use_cache=True)
@@ -253,7 +183,7 @@ def test_half_precision_cache_keeps_a_float32_state() -> None:
 
 
 def test_noncausal_form_refuses_token_by_token_decoding() -> None:
-    model = patched("llama", "dint_noncausal")
+    model = patched_model("llama", "dint_noncausal")
     x = inputs(batch=1, length=6)
     with torch.no_grad():
         out = model(x, use_cache=True)
@@ -261,12 +191,7 @@ def test_noncausal_form_refuses_token_by_token_decoding() -> None:
             model(x[:, :1], cache=out.past_key_values, use_cache=True)
 
 
-# -- training, saving, removing ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_gradients_reach_only_method_parameters(family: str, variant: str) -> None:
-    check_gradients_reach_only_method_parameters(patched(family, variant), use_cache=False)
+# -- training -----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
@@ -274,26 +199,13 @@ def test_training_forward_with_a_cache_has_the_same_gradients(family: str) -> No
     """With a cache present the state is written in place; backward must still work and agree."""
     grads = []
     for use_cache in (False, True):
-        model = patched(family, "dint")
+        model = patched_model(family, "dint")
         model.train()
         x = inputs()
         model(x, labels=x, use_cache=use_cache).loss.backward()
         grads.append([p.grad.clone() for m in ad.method_modules(model).values() for p in m.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_save_load_round_trip(family: str, variant: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model = patched(family, variant)
-    ad.step(model, 7)
-    fresh = check_save_load_round_trip(model, family, tmp_path)
-    assert all(int(m.lam.step) == 7 for m in ad.method_modules(fresh).values())
-
-
-@pytest.mark.parametrize("family,variant", MATRIX)
-def test_remove_restores_stock(family: str, variant: str) -> None:
-    check_remove_restores_stock(family, make(variant, anneal_steps=0))
 
 
 # -- configs and adapter files that do not fit ---------------------------------------------------------------------
@@ -315,22 +227,22 @@ def test_bad_values_are_explained(name: str, kw: dict, msg: str) -> None:
 
 
 def test_load_rejects_mismatched_adapters(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    ad.save(patched("llama", "lowrank"), tmp_path / "a")
+    ad.save(patched_model("llama", "lowrank"), tmp_path / "a")
     rewrite_adapter(tmp_path / "a", lambda t: t.__setitem__("layers.0.q_up", torch.zeros(32, 5)))
     model = tiny("llama")
     with pytest.raises(ad.AdapterLoadError, match=r"layers\.0\.q_up has shape \(32, 5\), the model expects \(32, 4\)"):
         ad.load(model, tmp_path / "a")
     assert ad.patch.state_of(model) is None
-    ad.save(patched("llama", "dint"), tmp_path / "b")
+    ad.save(patched_model("llama", "dint"), tmp_path / "b")
     rewrite_adapter(tmp_path / "b", lambda t: t.pop("layers.1.proj2.k_weight"))
     with pytest.raises(ad.AdapterLoadError, match=r"missing tensor\(s\) layers\.1\.proj2\.k_weight"):
         ad.load(tiny("llama"), tmp_path / "b")
-    ad.save(patched("llama", "dint"), tmp_path / "c")
+    ad.save(patched_model("llama", "dint"), tmp_path / "c")
     with pytest.raises(ad.AdapterLoadError, match="family: adapter 'llama' vs model 'qwen3'"):
         ad.load(tiny("qwen3"), tmp_path / "c")
 
 
 def test_lowrank_factors_are_separate_for_queries_and_keys() -> None:
-    model = patched("qwen2", "lowrank", random=False)
+    model = patched_model("qwen2", "lowrank", random=False)
     names = sorted(n for n, _ in ad.method_modules(model)[0].named_parameters())
     assert names == ["k_down", "k_up", "lam.lambda_learn", "q_down", "q_up"]

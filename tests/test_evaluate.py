@@ -1,4 +1,5 @@
-"""Evaluation (issue 7), attention measures (SPEC 9), plots and the eval / inspect commands.
+"""Evaluation (noisy QA, needle, perplexity), attention measures (docs/methods.md, section Attention measures), plots
+and the eval / inspect commands.
 
 References are independent of the code under test: hand-computed SQuAD-style scores, a scripted model whose answers
 the test chooses, a plain no-cache greedy loop, a hand-written perplexity sum, the stock model's own eager attention
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from matrix import cases
 from models import FAMILIES, inputs, tiny
 from reference import capture, explicit_map, rope
 from torch import nn
@@ -280,7 +282,7 @@ def test_perplexity_matches_a_hand_sum(small: Path) -> None:
     assert res.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
-# -- attention measures (SPEC 9) ---------------------------------------------------------------------------------
+# -- attention measures (docs/methods.md, section Attention measures) -------------------------------------------
 
 # Gold keys 9-11 lie inside the 6-token sliding window of row 13 (Mistral / Gemma tiny models), noise keys 8 and 1-7.
 GOLD, CONTEXT, ROWS = [(9, 12)], [(1, 5), (6, 9), (9, 12)], [13]
@@ -320,9 +322,8 @@ def test_every_method_at_init_measures_like_stock(method: str) -> None:
     model = tiny("llama")
     x = inputs(1, 24)
     ref_gold, ref_noise = stock_eager(model, x, [22, 23], GOLD, CONTEXT)
-    # SRA has no parameters; with zero thresholds it edits nothing (its identity setting).
-    extra = dict(b=2, t=4, alpha_inter=0.0, alpha_outer=0.0) if method == "sra" else {}
-    ad.apply(model, ad.config_for(method, **extra))
+    case = next(c for c in cases(method) if c.identity is not None)  # the method's first row that starts as stock
+    ad.apply(model, case.config(**case.identity))  # SRA: zero thresholds edit nothing (no parameters to start at 0)
     got, _ = measure_attention(model, x, GOLD, CONTEXT, [22, 23])
     assert got.gold == pytest.approx(ref_gold, abs=1e-5) and got.noise == pytest.approx(ref_noise, abs=1e-5)
 
@@ -339,7 +340,8 @@ def test_random_daa_attention_to_gold_is_the_signed_combined_map(family: str) ->
         m.weight.add_(0.4 * torch.randn(m.weight.shape, generator=g))
         m.lam.lambda_learn.copy_(0.3 + 0.5 * torch.rand(m.lam.lambda_learn.shape, generator=g))
     got, kept = measure_attention(model, x, GOLD, CONTEXT, ROWS, keep_maps=[1])
-    # SPEC 2: A1 = softmax(s Q K^T), A2 = softmax(s R(Q_pre W) K^T), combined = A1 - lambda A2 (per head).
+    # DAA (docs/methods.md, section DAA): A1 = softmax(s Q K^T), A2 = softmax(s R(Q_pre W) K^T),
+    # combined = A1 - lambda A2 (per head).
     c = capture(stock, x, 1)
     attn = [a for a in stock.modules() if type(a).__name__.endswith("Attention")][1]
     a1 = explicit_map(c.q, c.k, c.mask, c.scaling, c.softcap)

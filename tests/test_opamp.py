@@ -1,7 +1,9 @@
-"""OpAmp adaptation (SPEC section 6) on every supported family, and the loader of the authors' checkpoints.
+"""OpAmp adaptation (docs/methods.md, section OpAmp; *Efficient OpAmp Adaptation for Zoom Attention to Golden
+Contexts*, arXiv 2502.12502) on every supported family, and the loader of the authors' checkpoints.
 
-Independent references: the stock model (identity, remove, causality, cache, padding), explicit float64 maps built
-from what the stock model computes with the adapters and the OpAmp combination written out here from SPEC 6, and,
+The common checks (identity at init, causality, cache, padding, gradients, save / load, remove) run for the OpAmp
+rows of the table in tests/test_matrix.py. Independent references here: explicit float64 maps built from what the
+stock model computes with the adapters and the OpAmp combination written out here from its formula, and,
 for :func:`attndenoise.load_opamp_checkpoint`, a stock transformers model whose attention function is the authors'
 eager attention written out here from their modelling code (wuhy68/OpampAdapter: adapters on the concatenated
 heads after RoPE; Llama adapts the key/value heads, Qwen2 repeats the keys first; re-runs the key adapters over the
@@ -17,34 +19,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from matrix import (
-    check_causality,
-    check_generate_cache_equals_no_cache,
-    check_gradients_reach_only_method_parameters,
-    check_left_padding,
-    check_remove_restores_stock,
-    check_save_load_round_trip,
-    rewrite_adapter,
-)
+from matrix import CASE, Case, cases, check_matches_reference, rewrite_adapter
 from models import FAMILIES, VOCAB, inputs, tiny
-from reference import apply_map, capture, explicit_map, heads_last, patched_out
+from reference import apply_map, capture, explicit_map, heads_last
 from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import attndenoise as ad
 
-VARIANTS = {
-    "opamp": {},
-    "opamp_rerun": {"cache_adapted_keys": False},  # the authors' re-running of the key adapters (benchmark only)
-    "opamp_repeated": {"key_adapters": "repeated"},  # the authors' Qwen2 key layout
-}
 ADAPTERS = ("q1", "k1", "q2", "k2")
-ATOL = 2e-5
 
 
-def make(variant: str = "opamp", **extra):  # type: ignore[no-untyped-def]
-    return ad.config_for("opamp", **{**VARIANTS[variant], **extra})
+def make(case: str = "opamp", **extra):  # type: ignore[no-untyped-def]
+    return CASE[case].config(**extra)
 
 
 def randomize(model: torch.nn.Module, seed: int = 5, scale: float = 0.1) -> None:
@@ -56,15 +44,15 @@ def randomize(model: torch.nn.Module, seed: int = 5, scale: float = 0.1) -> None
                 p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-def patched(family: str, variant: str = "opamp", random: bool = True, **extra):  # type: ignore[no-untyped-def]
+def patched(family: str, case: str = "opamp", random: bool = True, **extra):  # type: ignore[no-untyped-def]
     model = tiny(family)
-    ad.apply(model, make(variant, **extra))
+    ad.apply(model, make(case, **extra))
     if random:
         randomize(model)
     return model
 
 
-# -- the SPEC 6 formulas, written out ------------------------------------------------------------------------------
+# -- the formulas of docs/methods.md, section OpAmp, written out --------------------------------------------------
 
 
 def adapter_ref(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, c: float) -> torch.Tensor:
@@ -80,7 +68,7 @@ def weights(m, which: str) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore
     return a.adapter_down.weight.detach(), a.adapter_up.weight.detach()
 
 
-def expected_output(stock, model, x, variant: str, layer: int = 1) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def expected_output(stock, model, x, layer: int = 1) -> torch.Tensor:  # type: ignore[no-untyped-def]
     c = capture(stock, x, layer)
     m = ad.method_modules(model)[layer]
     cfg = ad.patch.require_state(model).config
@@ -96,19 +84,7 @@ def expected_output(stock, model, x, variant: str, layer: int = 1) -> torch.Tens
     return heads_last(apply_map(m_map, c.v))
 
 
-# -- identity at init ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_identity_at_init(family: str, variant: str) -> None:
-    model = tiny(family)
-    x = inputs()
-    with torch.no_grad():
-        ref = model(x).logits
-        ad.apply(model, make(variant))
-        out = model(x).logits
-    assert (out - ref).abs().max() < 1e-5
+# -- identity at init (the common check is in tests/test_matrix.py) ---------------------------------------------
 
 
 def test_identity_has_no_cancellation_round_off() -> None:
@@ -134,28 +110,25 @@ def test_identity_in_training_mode_with_adapter_dropout() -> None:
     assert (out - ref).abs().max() < 1e-5
 
 
-# -- fused output == explicit SPEC formulas -----------------------------------------------------------------------
+# -- fused output == the formula ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_matches_spec_reference(family: str, variant: str) -> None:
+@pytest.mark.parametrize("case", cases("opamp"), ids=str)
+def test_fused_matches_reference(family: str, case: Case) -> None:
     stock = tiny(family)
-    model = patched(family, variant, random=False, layers=[1], adapter_dim=16, adapter_scaling=0.7, cmrr=3.0)
+    sizes = {**dict(adapter_dim=16, adapter_scaling=0.7, cmrr=3.0), **case.options}  # non-default sizes, or the row's
+    model = patched(family, case.id, random=False, **{**sizes, "layers": [1]})
     randomize(model, scale=0.5)
     x = inputs()
-    want = expected_output(stock, model, x, variant)
-    got = patched_out(model, x, 1)
-    assert got.shape == want.shape
+    want = expected_output(stock, model, x)
     assert (want - capture(stock, x, 1).out.double()).abs().max() > 1e-3  # the adapters matter
-    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=1e-4)
-    with ad.reference_mode(model):  # the eager path computes the same thing
-        got_eager = patched_out(model, x, 1)
-    torch.testing.assert_close(got_eager.double(), want, atol=ATOL, rtol=1e-4)
+    check_matches_reference(model, x, want)
 
 
 def test_output_attentions_returns_opamp_map() -> None:
-    """output_attentions gives M = K (A1 - A2) + (A1 + A2) / 2 (SPEC 9 measures read the effective map)."""
+    """output_attentions gives M = K (A1 - A2) + (A1 + A2) / 2 (the attention measures read the effective map:
+    docs/methods.md, section Attention measures)."""
     stock = tiny("llama")
     model = patched("llama", layers=[1])
     x = inputs()
@@ -171,18 +144,7 @@ def test_output_attentions_returns_opamp_map() -> None:
                                rtol=0)
 
 
-# -- causality, cache, padding ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_causality(family: str) -> None:
-    check_causality(patched(family))
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_generate_cache_equals_no_cache(family: str, variant: str) -> None:
-    check_generate_cache_equals_no_cache(patched(family, variant))
+# -- what the cache holds ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -208,20 +170,18 @@ def test_cached_and_rerunning_variants_agree() -> None:
         assert torch.equal(a.generate(x, **kw), b.generate(x, **kw))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", ["opamp", "opamp_repeated"])
-def test_left_padding(family: str, variant: str) -> None:
-    check_left_padding(patched(family, variant))
-
-
-# -- training, saving, removing -----------------------------------------------------------------------------------
+# -- training and adapter files ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_reach_only_adapters(family: str) -> None:
-    model = patched(family)
-    method_params = check_gradients_reach_only_method_parameters(model)
-    assert len(method_params) == 8 * len(ad.method_modules(model))  # W1, W2 of four adapters per layer
+def test_four_adapters_per_layer(family: str) -> None:
+    """W1 and W2 of four adapters per layer are the method's parameters (tests/test_matrix.py checks that each of
+    them, and nothing else, gets a gradient)."""
+    modules = ad.method_modules(patched(family))
+    assert modules
+    for m in modules.values():
+        assert sorted(n for n, _ in m.named_parameters()) == sorted(
+            f"{w}_adapter.adapter_{part}.weight" for w in ADAPTERS for part in ("down", "up"))
 
 
 def test_gradients_at_init_reach_w2() -> None:
@@ -247,25 +207,6 @@ def test_adapter_dropout_acts_in_training_only() -> None:
         t1, t2 = model(x).logits, model(x).logits
     assert torch.equal(e1, e2)
     assert not torch.equal(t1, t2)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_save_load_round_trip(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model = patched(family, layers="every:2", adapter_dim=8, cmrr=4.0)
-    fresh = check_save_load_round_trip(model, family, tmp_path)
-    meta = json.loads((tmp_path / "attndenoise_config.json").read_text())
-    assert meta["config"]["method"] == "opamp" and meta["config"]["cmrr"] == 4.0
-    assert list(ad.method_modules(fresh)) == [0]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_remove_restores_stock(family: str) -> None:
-    check_remove_restores_stock(family, make(), randomize)
-
-
-def test_merge_is_refused() -> None:
-    with pytest.raises(ad.NotMergeableError, match="mergeable methods"):
-        ad.merge(patched("llama"))
 
 
 def _saved(tmp_path, **extra):  # type: ignore[no-untyped-def]

@@ -1,10 +1,12 @@
-"""Scaled ReAttention (SPEC 8) on every supported family.
+"""Scaled ReAttention (docs/methods.md, section SRA; *Pay Attention to What You Need*, arXiv 2307.13365) on every
+supported family.
 
 The independent reference is an attention function registered here: it builds the full float64 probability map of
-every layer and applies the SPEC 8 rule literally (block positions recomputed from the SPEC formulas, one
-(head, row) at a time, weights key by key). Nothing of attndenoise's SRA code is used by it. The models are tiny
-random models with 4 layers (so that both rules run: inter on layers 0-2, outer on layers 1-2) whose query/key
-projections are scaled up so the maps are peaky and the rule really selects and eliminates.
+every layer and applies the rule of docs/methods.md, section SRA, literally (block positions recomputed from its
+formulas, one (head, row) at a time, weights key by key). Nothing of attndenoise's SRA code is used by it. The
+models are tiny random models with 4 layers (so that both rules run: inter on layers 0-2, outer on layers 1-2) whose
+query/key projections are scaled up so the maps are peaky and the rule really selects and eliminates
+(tests/models.py, ``peaky``). The common checks run for the SRA row of the table in tests/test_matrix.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import math
 import warnings
 from typing import Any
-from unittest import mock
 
 import models
 import pytest
@@ -23,7 +24,7 @@ from matrix import left_pad
 from models import FAMILIES, inputs
 from reference import apply_map, explicit_map
 from safetensors.torch import load_file
-from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import attndenoise as ad
@@ -40,29 +41,8 @@ SLIDING = ("mistral", "gemma2", "gemma3")
 
 
 def deep(family: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny 4-layer model of ``family`` with peaky attention (query/key projections x 15)."""
-    if family == "gpt2":
-        torch.manual_seed(seed)
-        cfg = GPT2Config(vocab_size=models.VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=256,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
-        model = GPT2LMHeadModel(cfg).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "ln_" in name or name.endswith(".bias"):
-                    p.add_(0.1 * torch.randn_like(p))
-    else:
-        with mock.patch.dict(models._COMMON, num_hidden_layers=LAYERS):
-            model = models.tiny(family, seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and any(s in name for s in ("q_proj", "k_proj", "qkv_proj", "c_attn")):
-                p.mul_(15.0)
-    if getattr(model.config, "sliding_window", None):  # a window of 6 hides every target; 24 hides some of them
-        model.config.sliding_window = WINDOW
-        for m in model.modules():
-            if getattr(m, "sliding_window", None):
-                m.sliding_window = WINDOW
-    return model
+    """A tiny 4-layer model of ``family`` with peaky attention (query/key projections x 15), windows of 24."""
+    return models.peaky(family, seed, layers=LAYERS, window=WINDOW)
 
 
 def sra(**kw: Any) -> ad.SRAConfig:
@@ -79,9 +59,9 @@ _DEFAULTS = dict(b=100, t=200, dynamic_t=False, dynamic_div=20.0, alpha_inter=0.
 
 
 def _blocks(n: int, layer: int, o: dict[str, Any]) -> list[tuple[range, range, float, float]]:
-    """SPEC 8 'Which rows and keys', transcribed: (rows, target keys, tau, strengthen factor). As in the authors'
-    get_attention_block_inter / _outer, a rule gives no block when the prompt is too short for it, independently of
-    the other rule."""
+    """docs/methods.md, section SRA, 'Which rows and keys', transcribed: (rows, target keys, tau, strengthen factor).
+    As in the authors' get_attention_block_inter / _outer, a rule gives no block when the prompt is too short for it,
+    independently of the other rule."""
     L, b = LAYERS, o["b"]
     t = int(n / o["dynamic_div"]) if o["dynamic_t"] else o["t"]
     out = []
@@ -178,7 +158,8 @@ def test_bad_values_are_refused_at_config_time(kw: dict[str, Any], msg: str) -> 
 
 
 def test_block_positions_by_hand() -> None:
-    """n=60, b=2, t=6, L=4, worked out by hand from SPEC 8 (c = ceil(49/7) = 7, c' = ceil(51/7) = 8)."""
+    """n=60, b=2, t=6, L=4, worked out by hand from docs/methods.md, section SRA (c = ceil(49/7) = 7,
+    c' = ceil(51/7) = 8)."""
     from attndenoise.methods.sra import plan
 
     cfg = sra()

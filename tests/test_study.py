@@ -204,6 +204,40 @@ def test_stats_hand_computed() -> None:
     assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
 
 
+def test_seed_verdict_and_paired_bootstrap_hand_cases() -> None:
+    from attndenoise.stats import paired_bootstrap, seed_verdict
+
+    assert seed_verdict([3.0, 4.0], [1.0, 2.5]) == ("better", pytest.approx(1.75))
+    assert seed_verdict([1.0, 2.5], [3.0, 4.0])[0] == "worse"
+    assert seed_verdict([1.0, 3.5], [3.0, 4.0])[0] == "within"  # overlapping seeds, whatever the means
+    assert seed_verdict([2.0], [1.0, 1.5]) == ("one seed", pytest.approx(0.75))
+    assert seed_verdict([], [1.0])[0] == "not measured"
+    # Constant differences: every resample has that mean.
+    assert paired_bootstrap([2.0, 2.0, 2.0]) == pytest.approx((2.0, 2.0))
+    # Two questions, differences 0 and 1: a resample's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so the
+    # 2.5% and 97.5% quantiles are 0 and 1.
+    assert paired_bootstrap([0.0, 1.0]) == pytest.approx((0.0, 1.0))
+    # 20 questions, one difference of 1: the resample mean is (count of it drawn) / 20, count ~ Binomial(20, 1/20);
+    # P(count = 0) = 0.95^20 = 0.358 > 2.5%, and P(count >= 4) = 0.016 < 2.5% <= P(count >= 3) = 0.075.
+    assert paired_bootstrap([1.0] + [0.0] * 19) == pytest.approx((0.0, 3 / 20))
+
+
+def test_question_interval_reads_each_question_of_each_seed() -> None:
+    from attndenoise.study_report import question_noisy
+
+    def answers(em: dict[str, list[float]]) -> list[dict[str, object]]:
+        return [{"answers": {k: {"best_subspan_em": v[q]} for k, v in em.items()}} for q in range(2)]
+
+    got = question_noisy({
+        "k9-first": answers({"a@0": [1, 0], "a@1": [1, 1]}), "k9-middle": answers({"a@0": [0, 0], "a@1": [1, 0]}),
+        "k9-last": answers({"a@0": [1, 0], "a@1": [0, 0]}), "k19": answers({"a@0": [1, 1], "a@1": [0, 1]}),
+    }, ["a@0", "a@1"])
+    # question 0: seed 0 (2/3 + 1) / 2 = 5/6, seed 1 (2/3 + 0) / 2 = 1/3; question 1: seed 0 (0 + 1) / 2, seed 1
+    # (1/3 + 1) / 2 = 2/3; in %, averaged over the seeds
+    assert got == pytest.approx([100 * (5 / 6 + 1 / 3) / 2, 100 * (1 / 2 + 2 / 3) / 2])
+    assert question_noisy({"k19": answers({"a@0": [1, 1]})}, ["a@0"]) is None  # no 9-distractor setting
+
+
 def test_two_map_flag_is_the_methods_own() -> None:
     from attndenoise import benchmark, registry
 

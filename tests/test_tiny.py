@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import attndenoise.tiny as tiny
-from attndenoise.data import SyntheticQA, build_noisy_example, collate, encode_for_training
-from attndenoise.data.tokenizer import build_tokenizer
+from attndenoise.data import SyntheticQA, build_noisy_example, build_tokenizer, collate, encode_for_training
 from attndenoise.tiny import METADATA_FILE, TinyConfig, pretrain_tiny, sequence_loss, tiny_model_path
 
 # Small enough to build in a second or two on 2 cores.

@@ -32,8 +32,8 @@ from .methods.diff import DIFFConfig
 from .methods.diffqkv import DiffKConfig, DiffQConfig, DiffVConfig
 from .methods.dint import DINTConfig, LowRankDINTConfig
 from .methods.opamp import OpAmpConfig
+from .methods.opamp_checkpoint import load_opamp_checkpoint
 from .methods.sra import SRAConfig
-from .opamp_checkpoint import load_opamp_checkpoint
 from .patch import (
     AlreadyAppliedError,
     MethodDroppedWarning,

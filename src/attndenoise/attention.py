@@ -11,7 +11,8 @@ All tensors follow transformers' attention-interface layout: query ``(B, H, Nq, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,9 @@ def resolve_mask(
     return None, True
 
 
-def _valid_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, 1, Nq, 1) bool: rows that attend to at least one key (left-padding rows do not)."""
+def valid_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, 1, Nq, 1) bool: rows that attend to at least one key (left-padding rows do not); ``None``: all do.
+    ``mask`` is a resolved one (:func:`resolve_mask`)."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
@@ -79,7 +81,7 @@ def sdpa(
         q, k, v, attn_mask=m, dropout_p=dropout, is_causal=is_causal, scale=scaling,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    rows = _valid_rows(m)
+    rows = valid_rows(m)
     if rows is not None:
         out = out.masked_fill(~rows, 0.0)
     return out
@@ -174,6 +176,83 @@ def combine(terms: Sequence[tuple[Coef, torch.Tensor]], dtype: torch.dtype) -> t
     return acc.to(dtype)
 
 
+#: a combination of two maps that is linear in each: ``mix(A1, A2) V == mix(A1 V, A2 V)``
+Mix = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def linear_mix(c1: Coef, c2: Coef) -> Mix:
+    """``c1 X1 + c2 X2`` per query head, for maps ``(B, H, Nq, Nk)`` and outputs ``(B, H, Nq, D)`` alike."""
+
+    def mix(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return per_head(c1, x1) * x1 + per_head(c2, x2) * x2
+
+    return mix
+
+
+def explicit(eager: bool, softcap: float | None) -> bool:
+    """Whether attention takes the reference path (explicit maps): when asked for, or for Gemma 2's soft-capping,
+    which SDPA cannot do."""
+    return eager or softcap is not None
+
+
+def _maps_or_outputs(
+    q1: torch.Tensor, k1: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, *,
+    mask: torch.Tensor | None, scaling: float | None, scaling2: float | None, dropout: float, causal: bool,
+    softcap: float | None, eager: bool,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The one fast/reference switch of two-map attention: ``(A1, A2, True)``, explicit float32 maps, on the
+    reference path; ``(O1, O2, False)`` from fused calls otherwise (one call when the query sets share keys and
+    scale). ``scaling2`` is ``A2``'s own scale (default: ``scaling``)."""
+    s2 = scaling if scaling2 is None else scaling2
+    if explicit(eager, softcap):
+        p1 = probs(q1, k1, mask=mask, scaling=scaling, causal=causal, softcap=softcap)
+        p2 = probs(q2, k2, mask=mask, scaling=s2, causal=causal, softcap=softcap)
+        return p1, p2, True
+    if k1.shape[1] != v.shape[1]:
+        # keys with a head per query head (OpAmp's "repeated" layout): SDPA's GQA wants K and V alike
+        v = v.repeat_interleave(k1.shape[1] // v.shape[1], dim=1)
+    if k1 is k2 and scaling == s2:
+        o1, o2 = sdpa_shared_kv([q1, q2], k1, v, mask=mask, scaling=scaling, dropout=dropout, causal=causal)
+    else:
+        o1 = sdpa(q1, k1, v, mask=mask, scaling=scaling, dropout=dropout, causal=causal)
+        o2 = sdpa(q2, k2, v, mask=mask, scaling=s2, dropout=dropout, causal=causal)
+    return o1, o2, False
+
+
+def two_map_attention(
+    q1: torch.Tensor,
+    k1: torch.Tensor,
+    q2: torch.Tensor,
+    k2: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mix: Mix,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float = 0.0,
+    causal: bool = True,
+    softcap: float | None = None,
+    eager: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``mix(A1, A2) V`` with ``A_j = softmax(s Q_j K_j^T)`` -> ``(out (B, H, Nq, D), map or None)``.
+
+    ``mix`` is linear, so the fast path applies it to the fused outputs (in float32, cast once to ``dtype``,
+    default ``v``'s) and never builds a map; the reference path applies it to the explicit maps and returns the
+    combined map (plots, ``output_attentions``). A method whose combination must be exact at its identity writes
+    ``mix`` so (OpAmp: ``X2 + g (X1 - X2)``).
+    """
+    x1, x2, maps = _maps_or_outputs(
+        q1, k1, q2, k2, v, mask=mask, scaling=scaling, scaling2=None, dropout=dropout, causal=causal,
+        softcap=softcap, eager=eager,
+    )
+    dtype = v.dtype if dtype is None else dtype
+    if maps:
+        pc = mix(x1, x2)
+        return apply_probs(pc, v, dropout).to(dtype), pc
+    return mix(x1.float(), x2.float()).to(dtype), None
+
+
 def two_maps(
     q1: torch.Tensor,
     k1: torch.Tensor,
@@ -195,18 +274,49 @@ def two_maps(
     Fast path: one fused call when ``k1 is k2`` (the query sets share keys), two otherwise. Reference path
     (``eager`` or soft-capping): the explicit combined map, which is also returned for plots/``output_attentions``.
     """
-    if eager or softcap is not None:
-        kw = dict(mask=mask, scaling=scaling, causal=causal, softcap=softcap)
-        p1, p2 = probs(q1, k1, **kw), probs(q2, k2, **kw)  # type: ignore[arg-type]
-        pc = per_head(c1, p1) * p1 + per_head(c2, p2) * p2
-        return apply_probs(pc, v, dropout).to(v.dtype), pc
-    kw2 = dict(mask=mask, scaling=scaling, dropout=dropout, causal=causal)
-    if k1 is k2:
-        o1, o2 = sdpa_shared_kv([q1, q2], k1, v, **kw2)  # type: ignore[arg-type]
-    else:
-        o1 = sdpa(q1, k1, v, **kw2)  # type: ignore[arg-type]
-        o2 = sdpa(q2, k2, v, **kw2)  # type: ignore[arg-type]
-    return combine([(c1, o1), (c2, o2)], v.dtype), None
+    return two_map_attention(
+        q1, k1, q2, k2, v, mix=linear_mix(c1, c2), mask=mask, scaling=scaling, dropout=dropout, causal=causal,
+        softcap=softcap, eager=eager,
+    )
+
+
+class TwoMapParts(NamedTuple):
+    """Both outputs of two maps, kept apart for a method that does more than mix them (a norm, an integral term).
+
+    ``o1``, ``o2``: ``(B, H, Nq, D)``, float32 on the reference path; ``p1``, ``p2``: the explicit float32 maps on
+    the reference path, ``None`` on the fast path.
+    """
+
+    o1: torch.Tensor
+    o2: torch.Tensor
+    p1: torch.Tensor | None
+    p2: torch.Tensor | None
+
+
+def two_map_parts(
+    q1: torch.Tensor,
+    k1: torch.Tensor,
+    q2: torch.Tensor,
+    k2: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    scaling2: float | None = None,
+    dropout: float = 0.0,
+    causal: bool = True,
+    softcap: float | None = None,
+    eager: bool = False,
+) -> TwoMapParts:
+    """``O1 = A1 V`` and ``O2 = A2 V`` apart (:class:`TwoMapParts`); ``scaling2`` is ``A2``'s own scale (low-rank
+    DINT's temperature), default ``scaling``."""
+    x1, x2, maps = _maps_or_outputs(
+        q1, k1, q2, k2, v, mask=mask, scaling=scaling, scaling2=scaling2, dropout=dropout, causal=causal,
+        softcap=softcap, eager=eager,
+    )
+    if maps:
+        return TwoMapParts(apply_probs(x1, v, dropout), apply_probs(x2, v, dropout), x1, x2)
+    return TwoMapParts(x1, x2, None, None)
 
 
 def one_map(
@@ -222,7 +332,7 @@ def one_map(
     eager: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plain attention ``A V`` -> ``(out (B, H, Nq, D) in float32 when eager, map or None)``."""
-    if eager or softcap is not None:
+    if explicit(eager, softcap):
         p = probs(q, k, mask=mask, scaling=scaling, causal=causal, softcap=softcap)
         return apply_probs(p, v, dropout).to(v.dtype), p
     return sdpa(q, k, v, mask=mask, scaling=scaling, dropout=dropout, causal=causal), None

@@ -62,7 +62,9 @@ _SHAPE_NAMES = {"smollm2": "SmolLM2-135M-Instruct shape", "toy": "tiny Llama"}
 TWO_MAP = _registry.two_map_methods()
 #: benchmark-only variant label -> (method, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"opamp re-run": ("opamp", {"cache_adapted_keys": False})}
-BASELINES = ("stock", "stock x2")
+#: the yardsticks measured in the same run: the stock model, and its attention run twice (what a two-map method costs
+#: at best); the training rows ``none`` / ``lora`` are ``attndenoise.train.BASELINES``
+REFERENCES = ("stock", "stock x2")
 #: peers measured in the same run, held to no target: transformers' from-scratch DIFF model of the same shape
 PEERS = ("diffllama",)
 
@@ -213,7 +215,7 @@ def build_model(label: str, *, train: bool, seed: int = 0, lambda_value: float |
                     for name, p in m.named_parameters():
                         if name.endswith("lambda_learn"):
                             p.fill_(lambda_value)
-    if label in BASELINES or label in PEERS:
+    if label in REFERENCES or label in PEERS:
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in model.model.layers:

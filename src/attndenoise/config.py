@@ -21,9 +21,13 @@ class ConfigError(ValueError):
     """A configuration value is unknown or out of range; the message lists what is accepted."""
 
 
-def _choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
+def choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
+    """Shared check for options with a fixed set of values; the message lists them."""
     if value not in accepted:
         raise ConfigError(f"{name}={value!r} is not accepted; choose one of {', '.join(map(repr, accepted))}")
+
+
+_choice = choice  # the name before it was public
 
 
 @dataclass
@@ -75,13 +79,13 @@ class MethodConfig:
         if not isinstance(self.anneal_steps, int) or isinstance(self.anneal_steps, bool) or self.anneal_steps < 0:
             raise ConfigError(f"anneal_steps={self.anneal_steps!r}: must be an integer >= 0")
         if isinstance(self.lambda_init, str):
-            _choice("lambda_init", self.lambda_init, ("depth",))
+            choice("lambda_init", self.lambda_init, ("depth",))
         elif (isinstance(self.lambda_init, bool) or not isinstance(self.lambda_init, (int, float))
               or not math.isfinite(self.lambda_init)):
             # bool is an int subclass: True would silently mean 1.0
             raise ConfigError(f"lambda_init={self.lambda_init!r}: must be a finite number or 'depth'")
-        _choice("lambda_schedule", self.lambda_schedule, _SCHEDULES)
-        _choice("lambda_granularity", self.lambda_granularity, _GRANULARITIES)
+        choice("lambda_schedule", self.lambda_schedule, _SCHEDULES)
+        choice("lambda_granularity", self.lambda_granularity, _GRANULARITIES)
 
     @property
     def needs_calibration(self) -> bool:
@@ -165,4 +169,10 @@ def positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value!r}: must be a number {'>=' if allow_zero else '>'} 0")
 
 
-__all__ = ["ConfigError", "MethodConfig", "LayerSpec", "positive", "field"]
+def boolean(name: str, value: Any) -> None:
+    """Shared check for on/off options: ``1`` or ``"no"`` from a JSON or command-line config is refused, not read."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: must be true or false")
+
+
+__all__ = ["ConfigError", "MethodConfig", "LayerSpec", "positive", "boolean", "choice", "field"]

@@ -33,17 +33,17 @@ run only trains the new seeds.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,11 +56,12 @@ from .measures import AttentionMeasures, dataset_attention
 from .patch import apply
 from .plots import plot_attention_to_gold, plot_needle, plot_protocol_bars
 from .progress import eta_seconds, format_seconds
+from .registry import inference_methods, trainable_methods
+from .stats import mean_sd, seed_verdict
 from .study import DEFAULT_ROWS, Row, full_rows, parse_row
 from .tiny import tiny_model_path
-from .train import RUN_FILE, TrainConfig, load_trained, projection_modules, train
+from .train import BASELINES, RUN_FILE, TrainConfig, load_trained, matched_lora_rank, train
 
-BASELINES = ("none", "lora")
 #: the label of the untouched base model in tables and plots
 BASE_LABEL = "base"
 #: protocol -> what it trains and what it is compared with (report and plot titles)
@@ -71,15 +72,6 @@ PROTOCOLS: dict[str, str] = {
     "inference": "inference only, vs base",
 }
 _ORDER = tuple(PROTOCOLS)
-
-
-def trainable_methods() -> list[str]:
-    """Every registered method with trainable parameters (SRA is inference-only and runs on the base model)."""
-    return sorted(n for n, c in registry.METHODS.items() if c.trainable)
-
-
-def inference_methods() -> list[str]:
-    return sorted(n for n, c in registry.METHODS.items() if not c.trainable)
 
 
 def paper_row(method: str) -> str:
@@ -138,7 +130,8 @@ class DemoConfig:
             ``None`` trains at ``train_noise`` only.
         method_options: per-method config overrides, ``{"daa": {"anneal_steps": 50}}``; a method's entry applies
             to every row of that method (``daa+attn``, ``daa+lora``, ``daa``), an entry keyed by a row label
-            (``"daa+lora"``) adds to it for that row alone.
+            (``"daa+lora"``) adds to it for that row alone; an inference-only method's entry (``"sra"``) configures
+            it on the base model. ``sra_options`` (deprecated) is ``method_options["sra"]``.
         learning_rates: learning-rate overrides keyed by row label, ``{"opamp": 5e-4}`` (OpAmp; chosen on a
             validation split; every row still gets the same steps, batch size and data): a row takes its own
             label's entry, else its protocol baseline's (``+attn`` rows ``none``'s, ``+lora`` rows and matched
@@ -152,11 +145,8 @@ class DemoConfig:
         threads: torch intra-op threads.
     """
 
-    # Tuning notes. Everything below was chosen on a validation split (SyntheticQA(100, split="val"), 200 questions,
-    # one seed), never on the report's test questions. On the version-1 tiny model (no copying circuit, chance among
-    # documents) no budget, rate or noise mix made any row beat the base; see TinyConfig for how version 2 was made
-    # to look documents up by name. On version 2 (base EM 1.0 / 0.995 / 0.985 / 0.63 at noise 0 / 0.5 / 0.8 / 0.9),
-    # 150 x 16 at noise 0.8 and lr 2e-3 gives `none` 0.81 and `lora` 0.825 at noise 0.9.
+    # Every default below was chosen on a validation split, never on the test questions: docs/decisions.md,
+    # section demo.py, has the measurements behind each.
     out: str = "demo_out"
     seeds: int = 1
     methods: Sequence[str] | None = None
@@ -168,27 +158,12 @@ class DemoConfig:
     train_noise: float = 0.8
     train_noise_mix: Sequence[float] | None = None
     synthetic_examples: int = 2400
-    # Lambda schedule, chosen per method on the validation split (EM at noise 0.9, "paper" -> "linear"): the
-    # literal default gives lambda = lambda_learn once t >= T, and lambda_learn barely moves in 150 steps, so the
-    # differential rows end near the identity (0.63-0.66, the base's level); holding lambda at lambda_init makes
-    # them act. daa 0.65 -> 0.765, diffq 0.655 -> 0.705, diffk 0.63 -> 0.725, diff 0.655 -> 0.755, dint 0.635 ->
-    # 0.675 take "linear"; diffv 0.63 -> 0.58, dex 0.64 -> 0.35 and lowrank_dint 0.64 -> 0.605 keep "paper". (lr
-    # 1e-2 with "paper" moved them by at most +0.05.)
     method_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        m: {"lambda_schedule": "linear"} for m in ("daa", "diffq", "diffk", "diff", "dint")})
-    # OpAmp's CMRR gain (10) amplifies its adapters' updates: at the shared 2e-3 it cost noise-free accuracy. On the
-    # validation split (150 x 16 at noise 0.8) lr 2e-4 / 5e-4 / 1e-3 / 2e-3 gave EM 0.69 / 0.715 / 0.715 / 0.57 at
-    # noise 0.9 (1.0 / 1.0 / 1.0 / 0.86 at noise 0), so it trains at 5e-4.
+        **{m: {"lambda_schedule": "linear"} for m in ("daa", "diffq", "diffk", "diff", "dint")},
+        "sra": {"b": 2, "t": 24, "alpha_inter": 0.25, "alpha_outer": 0.25, "strengthen_inter": 2.0,
+                "strengthen_outer": 2.0, "short_prompt": "skip"}})
     learning_rates: dict[str, float] = field(default_factory=lambda: {"opamp": 5e-4})
-    # SRA's library defaults (b=100 protected and t=200 question tokens, from the authors' init_sra) assume long
-    # prompts; the demo's prompts hold 30-250 tokens with a ~12-token question, so b and t are scaled down and prompts
-    # too short for the rule are left unedited. The constants were chosen on the validation split from a grid (b 2 /
-    # 5, t 12 / 24, alpha 0.25 / 0.5 / 1.0 for both rules, strengthen 2 / 5): no setting beat the base at noise 0.9
-    # (base 0.63; the grid gave 0.505-0.62, and t=24 with alpha >= 0.5 also cost noise-free accuracy, 0.80-0.96);
-    # the least harmful, b=2, t=24, alpha 0.25, strengthen 2 (0.62, 1.0 without noise), is used.
-    sra_options: dict[str, Any] = field(default_factory=lambda: {
-        "b": 2, "t": 24, "alpha_inter": 0.25, "alpha_outer": 0.25, "strengthen_inter": 2.0, "strengthen_outer": 2.0,
-        "short_prompt": "skip"})
+    sra_options: dict[str, Any] | None = None  # deprecated: method_options["sra"]
     eval_noise: Sequence[float] = (0.0, 0.5, 0.8, 0.9)
     n_eval: int = 100
     context_lengths: Sequence[int] = (64, 128, 256)
@@ -201,6 +176,12 @@ class DemoConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.sra_options is not None:
+            warnings.warn('DemoConfig.sra_options is deprecated: give method_options={"sra": {...}}',
+                          DeprecationWarning, stacklevel=3)
+            self.method_options = {**self.method_options,
+                                   "sra": {**self.method_options.get("sra", {}), **self.sra_options}}
+            self.sra_options = None
         known = trainable_methods()
         methods = list(known if self.methods is None else self.methods)
         unknown = [m for m in methods if m not in known]
@@ -217,11 +198,12 @@ class DemoConfig:
         if unknown_lr:
             raise ValueError(f"learning_rates names unknown row(s): {', '.join(unknown_lr)}; give a row label "
                              "(none, lora, <m>+attn, <m>+lora, <m>, lora~<m>) or a trainable method")
-        bad_opts = sorted(k for k in self.method_options if k not in known and not (
+        bad_opts = sorted(k for k in self.method_options if k not in known and k not in inference_methods() and not (
             _is_row(k) and parse_row(k).method not in BASELINES))
         if bad_opts:
             raise ValueError(f"method_options names unknown method(s) or row(s): {', '.join(bad_opts)}; give a "
-                             f"trainable method ({', '.join(known)}) or a row with one (<m>+attn, <m>+lora, <m>)")
+                             f"method ({', '.join(sorted(registry.METHODS))}) or a row with a trainable one "
+                             "(<m>+attn, <m>+lora, <m>)")
         if any(not lr > 0 for lr in self.learning_rates.values()):
             raise ValueError("learning_rates must be positive")
         if self.train_noise_mix is not None and not list(self.train_noise_mix):
@@ -341,30 +323,13 @@ def _train_or_reuse(cfg: DemoConfig, base: Path, label: str, seed: int, run_dir:
     return result.model.eval(), tokenizer, result.run, False
 
 
-def matched_lora_rank(model: nn.Module, method: str, options: dict[str, Any] | None = None) -> int:
-    """The LoRA rank whose trainable-parameter count on every attention projection is nearest ``method``'s own
-    (trained alone, with ``options``): the baseline ``lora~<method>`` of the method-alone protocol. The same count as
-    :meth:`attndenoise.study.Study.matched_rank`, on every layer (the demo trains all of them)."""
-    probe = copy.deepcopy(model).requires_grad_(False)
-    apply(probe, registry.config_for(method, **(options or {})))
-    count = sum(p.numel() for p in probe.parameters() if p.requires_grad)
-    weights = [cast(torch.Tensor, m.weight) for m in projection_modules(model).values()]
-    per_rank = sum(int(w.shape[0]) + int(w.shape[1]) for w in weights)
-    return max(1, round(count / per_rank))
-
-
 def _attention_examples(cfg: DemoConfig, seed: int) -> list[Any]:
     raw = SyntheticQA(seed=seed, split="test").examples(cfg.attention_examples)
     return noisy_examples(raw, cfg.attention_noise, seed=seed + 1000)
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _fmt(values: Sequence[float], digits: int = 3) -> str:
-    mean, sd = _mean_sd(values)
+    mean, sd = mean_sd(values)
     return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
@@ -412,7 +377,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> Path:
                 model, tokenizer = _load_base(base)
             elif label in inference_methods():
                 model, tokenizer = _load_base(base)
-                apply(model, registry.config_for(label, **cfg.sra_options if label == "sra" else {}))
+                apply(model, registry.config_for(label, **cfg.method_options.get(label, {})))
             else:
                 _log(progress, f"seed {seed}: training {label} ({cfg.steps} steps)")
                 model, tokenizer, run, was_reused = _train_or_reuse(
@@ -514,19 +479,18 @@ def _qa(rs: Sequence[EvalResults], ratio: float, metric: str) -> list[float]:
 
 
 def _beats(cand: Sequence[float], ref: Sequence[float]) -> str:
-    """'yes' when the mean gain exceeds the sum of both seed standard deviations (and 0), 'no' when the mean loss
-    does, 'within spread' otherwise; with one seed there is no spread to compare against."""
-    mc, sc = _mean_sd(cand)
-    mr, sr = _mean_sd(ref)
-    diff = mc - mr
-    if len(cand) < 2 or len(ref) < 2:
+    """The verdict of :func:`attndenoise.stats.seed_verdict` (every seed beyond every baseline seed) as a cell."""
+    outcome, diff = seed_verdict(cand, ref)
+    lo, hi = (min(cand), max(cand)) if cand else (float("nan"), float("nan"))
+    rlo, rhi = (min(ref), max(ref)) if ref else (float("nan"), float("nan"))
+    span = f"seeds {lo:.3f}-{hi:.3f} vs {rlo:.3f}-{rhi:.3f}"
+    if outcome == "one seed":
         return f"{diff:+.3f} (1 seed: no spread; run --seeds 3)"
-    margin = sc + sr
-    if diff > margin:
-        return f"**yes** ({diff:+.3f} > spread {margin:.3f})"
-    if -diff > margin:
-        return f"no, worse ({diff:+.3f}, spread {margin:.3f})"
-    return f"within spread ({diff:+.3f}, spread {margin:.3f})"
+    if outcome == "better":
+        return f"**yes** ({diff:+.3f}; {span})"
+    if outcome == "worse":
+        return f"no, worse ({diff:+.3f}; {span})"
+    return f"within spread ({diff:+.3f}; {span})"
 
 
 def _train_noise_text(cfg: DemoConfig) -> str:
@@ -549,6 +513,12 @@ def _gold_share(gold: Sequence[float], noise: Sequence[float]) -> str:
     if min(*gold, *noise) < 0:
         return "n/a (signed map)"
     return _fmt([g / (g + n) if g + n else float("nan") for g, n in zip(gold, noise, strict=True)])
+
+
+def _inference_text(cfg: DemoConfig) -> str:
+    parts = [m + (" with " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.method_options.get(m, {}).items()))
+                  if cfg.method_options.get(m) else " with its defaults") for m in inference_methods()]
+    return (" Inference-only methods run on the base model: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _options_text(cfg: DemoConfig) -> str:
@@ -626,31 +596,44 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
     """``report.md``: settings, QA accuracy per noise ratio with each row's protocol, trainable parameters and needle
     score (forgetting), within-protocol verdicts, attention to gold, timings."""
     by = _by_label(results)
-    ratios = list(cfg.eval_noise)
-    seeds = cfg.seeds
     params = params or {}
-    ranks = ranks or {}
     labels = cfg.labels()
-    rows_text = ("every method in every protocol (`--all-protocols`)" if cfg.all_protocols
-                 else "each method in the protocol its paper used (`--all-protocols` runs every method in every one)")
-    matched_text = "".join(f"; `{lab}` has rank {r}" for lab, r in ranks.items())
-    lines = [
+    lines = [*_settings_section(cfg, total, base_seconds, reused, load_average),
+             *_protocols_section(cfg, ranks or {}),
+             *_qa_section(cfg, by, labels, params),
+             f"![accuracy per protocol]({plots['protocols'].name})", "",
+             *_verdict_sections(cfg, by, labels, params),
+             *_attention_section(cfg, attention, labels, plots),
+             *_timing_section(train_seconds)]
+    return "\n".join(lines)
+
+
+def _settings_section(cfg: DemoConfig, total: float, base_seconds: float | None, reused: int,
+                      load_average: float | None) -> list[str]:
+    return [
         "# attndenoise demo report",
         "",
-        f"Embedded tiny model, {seeds} seed(s); values are the mean" + (" ± sample std across seeds" if seeds > 1
-                                                                         else "") + ".",
+        f"Embedded tiny model, {cfg.seeds} seed(s); values are the mean"
+        + (" ± sample std across seeds" if cfg.seeds > 1 else "") + ".",
         f"Training: {cfg.steps} steps x {cfg.batch_size} examples at noise {_train_noise_text(cfg)}, learning rate "
         f"{cfg.learning_rate}{_lr_overrides_text(cfg)}, the same data and budget for every trained row"
         f"{_options_text(cfg)}. "
         f"Evaluation: {cfg.n_eval} held-out "
-        "questions per noise ratio (the same for every row of a seed), greedy decoding. SRA runs on the base model "
-        "with " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.sra_options.items())) + ".",
+        "questions per noise ratio (the same for every row of a seed), greedy decoding." + _inference_text(cfg),
         f"Total time {total:.0f} s on {os.cpu_count()} CPU core(s), torch {torch.__version__} with "
         f"{cfg.threads or torch.get_num_threads()} thread(s)"
         + ("" if base_seconds is None else f", of which {base_seconds:.0f} s to build or load the base model")
         + ("" if load_average is None else f"; load average {load_average:.2f} at the end")
         + (f"; {reused} finished training run(s) were reused from an earlier invocation." if reused else "."),
         "",
+    ]
+
+
+def _protocols_section(cfg: DemoConfig, ranks: dict[str, int]) -> list[str]:
+    rows_text = ("every method in every protocol (`--all-protocols`)" if cfg.all_protocols
+                 else "each method in the protocol its paper used (`--all-protocols` runs every method in every one)")
+    matched_text = "".join(f"; `{lab}` has rank {r}" for lab, r in ranks.items())
+    return [
         "## Protocols",
         "",
         f"Rows: {rows_text}, and the baselines. Each row is compared only with its own protocol's baseline, trained "
@@ -663,6 +646,14 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
         f"gives about the same trainable-parameter count{matched_text};",
         "- `inference`: the base and SRA (no training); SRA is compared with the base.",
         "",
+    ]
+
+
+def _qa_section(cfg: DemoConfig, by: dict[str, list[EvalResults]], labels: Sequence[str],
+                params: dict[str, int]) -> list[str]:
+    ratios = list(cfg.eval_noise)
+    top = max(ratios)
+    lines = [
         "## Noisy-context QA, exact match",
         "",
         f"Needle: pass-key retrieval exact match, mean over the grid of {list(cfg.context_lengths)} tokens x depths "
@@ -670,11 +661,10 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
         "examples, so a row's needle score below the base's is what its training made the model forget: the "
         "forgetting column.",
         "",
+        "| row | protocol | trainable params | " + " | ".join(f"noise {r}" for r in ratios)
+        + f" | F1 @ {top} | lenient @ {top} | needle (forgetting) |",
+        "|---|---|---|" + "---|" * (len(ratios) + 3),
     ]
-    top = max(ratios)
-    lines += ["| row | protocol | trainable params | " + " | ".join(f"noise {r}" for r in ratios)
-              + f" | F1 @ {top} | lenient @ {top} | needle (forgetting) |",
-              "|---|---|---|" + "---|" * (len(ratios) + 3)]
     for label in labels:
         rs = by.get(label, [])
         if not rs:
@@ -684,31 +674,40 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
         lines.append(f"| {label} | {protocol_of(label)} | {_params_text(params, label)} | " + " | ".join(cells)
                      + f" | {_fmt(_qa(rs, top, 'f1'))} | {_fmt(_qa(rs, top, 'lenient'))} | "
                      + (_fmt(needle) if needle else "-") + " |")
+    return [*lines, ""]
+
+
+def _verdict_sections(cfg: DemoConfig, by: dict[str, list[EvalResults]], labels: Sequence[str],
+                      params: dict[str, int]) -> list[str]:
+    ratios = list(cfg.eval_noise)
     pairs = verdict_pairs([lab for lab in labels if lab in by])
-    lines += ["", f"![accuracy per protocol]({plots['protocols'].name})", "",
-              "## Does a method beat its own protocol's baseline at noise >= 0.8?", "",
-              "A row beats its baseline when its mean exact match exceeds the baseline's by more than the two seed "
-              "standard deviations added; `no, worse` when it falls short by more than that. Every row is compared "
-              "within its protocol only (same data, steps and seeds); SRA (inference only) with the base model it "
-              "runs on.", ""]
+    lines = ["## Does a method beat its own protocol's baseline at noise >= 0.8?", "",
+             "A row beats its baseline when every seed of it scores above every seed of the baseline (exact match; "
+             "the seeds' ranges are given); `no, worse` when every seed scores below. Every row is compared "
+             "within its protocol only (same data, steps and seeds); SRA (inference only) with the base model it "
+             "runs on.", ""]
     lines += _verdict_table(by, ratios, pairs, params)
     lines += ["", _verdict_summary(by, ratios, pairs), "",
               "## Does training help at all? Every trained row against the base model", "",
               "The same rule against the untouched base model: `yes` means fine-tuning this row on noisy contexts "
               "made the model more robust than it was.", ""]
     trained = [lab for lab in labels if protocol_of(lab) != "inference"]
-    lines += _verdict_table(by, ratios, [(lab, BASE_LABEL) for lab in trained], params)
-    lines += ["", "## Forgetting: needle retrieval of the base model", "",
-              "The needle column above; the base model's grid (every trained row is measured on the same grid):", "",
-              f"![needle]({plots['needle_base'].name})", "",
-              f"## Attention to the gold document, noise {cfg.attention_noise}", "",
-              "Mass of each model's effective combined attention map (signed for differential methods) from the last "
-              "prompt position on the gold document's tokens vs on the distractors' tokens, mean over heads, layers "
-              f"and {cfg.attention_examples} examples. The gold share is given for maps without negative mass only: "
-              "a signed map can put negative mass on the distractors, and the ratio then means nothing; compare the "
-              "margin (gold minus distractors) instead.", "",
-              "| row | to gold | to distractors | gold - distractors | gold / (gold + distractors) |",
-              "|---|---|---|---|---|"]
+    return [*lines, *_verdict_table(by, ratios, [(lab, BASE_LABEL) for lab in trained], params), ""]
+
+
+def _attention_section(cfg: DemoConfig, attention: dict[str, list[AttentionMeasures]], labels: Sequence[str],
+                       plots: dict[str, Path]) -> list[str]:
+    lines = ["## Forgetting: needle retrieval of the base model", "",
+             "The needle column above; the base model's grid (every trained row is measured on the same grid):", "",
+             f"![needle]({plots['needle_base'].name})", "",
+             f"## Attention to the gold document, noise {cfg.attention_noise}", "",
+             "Mass of each model's effective combined attention map (signed for differential methods) from the last "
+             "prompt position on the gold document's tokens vs on the distractors' tokens, mean over heads, layers "
+             f"and {cfg.attention_examples} examples. The gold share is given for maps without negative mass only: "
+             "a signed map can put negative mass on the distractors, and the ratio then means nothing; compare the "
+             "margin (gold minus distractors) instead.", "",
+             "| row | to gold | to distractors | gold - distractors | gold / (gold + distractors) |",
+             "|---|---|---|---|---|"]
     for label in labels:
         if label not in attention:
             continue
@@ -716,13 +715,15 @@ def render_report(cfg: DemoConfig, results: Sequence[EvalResults], attention: di
         noise = [statistics.fmean(m.noise) for m in attention[label]]
         margin = [g - n for g, n in zip(gold, noise, strict=True)]
         lines.append(f"| {label} | {_fmt(gold)} | {_fmt(noise)} | {_fmt(margin)} | {_gold_share(gold, noise)} |")
-    lines += ["", f"![attention]({plots['attention'].name})", "",
-              "## Training time (s per run, the training loop as recorded in run.json)", "",
-              "| row | seconds |", "|---|---|"]
-    for label, secs in train_seconds.items():
-        lines.append(f"| {label} | {_fmt(secs, 1)} |")
-    return "\n".join(lines)
+    return [*lines, "", f"![attention]({plots['attention'].name})", ""]
 
 
-__all__ = ["DemoConfig", "run_demo", "render_report", "trainable_methods", "paper_row", "protocol_of",
-           "baseline_of", "verdict_pairs", "matched_lora_rank", "train_config", "plot_protocols", "PROTOCOLS"]
+def _timing_section(train_seconds: dict[str, list[float]]) -> list[str]:
+    lines = ["## Training time (s per run, the training loop as recorded in run.json)", "",
+             "| row | seconds |", "|---|---|"]
+    return lines + [f"| {label} | {_fmt(secs, 1)} |" for label, secs in train_seconds.items()]
+
+
+__all__ = ["DemoConfig", "run_demo", "render_report", "trainable_methods", "inference_methods", "paper_row",
+           "protocol_of", "baseline_of", "verdict_pairs", "matched_lora_rank", "train_config", "plot_protocols",
+           "PROTOCOLS"]

@@ -197,7 +197,25 @@ def effective_projection(module: AttnModule, which: str) -> tuple[torch.Tensor, 
     return w, b
 
 
-def project(module: AttnModule, x: torch.Tensor, which: str, *, bias: bool = True) -> torch.Tensor:
+def _apply_projection(module: AttnModule, x: torch.Tensor, which: str, bias: bool) -> torch.Tensor:
+    """``x`` through the layer's own projection ``which`` -> (B, N, heads * d)."""
+    lin, sl = _projection_module(module, which)
+    if is_adapted(lin):
+        y: torch.Tensor = lin(x)
+        if sl is not None:
+            y = y[..., sl]
+        b = _base_bias(lin, sl)
+        if not bias and b is not None:
+            y = y - b
+        return y
+    w, b = projection(module, which)
+    return F.linear(x, w, b if bias else None)
+
+
+def project(
+    module: AttnModule, x: torch.Tensor, which: str, *, bias: bool = True,
+    weights: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """Per-head projection of layer input ``x`` (B, N, d_model) -> (B, heads, N, d), before RoPE.
 
     Applies the family's per-head ``q_norm`` / ``k_norm`` (Qwen3, Gemma 3) exactly where the stock forward does,
@@ -206,18 +224,15 @@ def project(module: AttnModule, x: torch.Tensor, which: str, *, bias: bool = Tru
     A projection wrapped by a peft adapter (LoRA) is *called*, so ``x`` goes through the effective projection
     (base + LoRA, gradients reaching the LoRA) exactly as the stock query/key/value does, and a later
     ``merge_and_unload`` leaves the output unchanged.
+
+    ``weights``: ``(weight (out, in), bias or None)`` to use instead of the layer's own, e.g. a method's trained
+    copy of ``W_Q``; the family's norm still applies.
     """
-    lin, sl = _projection_module(module, which)
-    if is_adapted(lin):
-        y = lin(x)
-        if sl is not None:
-            y = y[..., sl]
-        b = _base_bias(lin, sl)
-        if not bias and b is not None:
-            y = y - b
+    if weights is not None:
+        w, b = weights
+        y = F.linear(x, w.to(x.dtype), None if b is None or not bias else b.to(x.dtype))
     else:
-        w, b = projection(module, which)
-        y = F.linear(x, w, b if bias else None)
+        y = _apply_projection(module, x, which, bias)
     y = y.reshape(*x.shape[:-1], -1, module.head_dim)
     norm = getattr(module, f"{which}_norm", None) if which in ("q", "k") else None
     if norm is not None:

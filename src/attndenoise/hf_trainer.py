@@ -21,16 +21,16 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .io import adapter_tensors, copy_tensors_strict, read_tensors
-from .patch import MethodFrozenError, method_modules, set_trainable, state_of
-from .schedule import current_lambdas, set_step, unwrap
-from .train import (
+from .checkpoints import (
     CHECKPOINT_METHOD_FILE,
     CHECKPOINT_RECORD_FILE,
     CHECKPOINT_TRAINABLE_FILE,
     TrainError,
     checkpoint_tensors,
 )
+from .io import adapter_tensors, copy_method_tensors_strict, copy_tensors_strict, read_tensors
+from .patch import MethodFrozenError, method_modules, set_trainable, state_of
+from .schedule import current_lambdas, set_step, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,14 @@ class AtomicTrainer(Trainer):
         assert target is not None
         copy_tensors_strict(checkpoint_tensors(unwrap(target)), read_tensors(path), path,
                             "not trained in this run")
+
+    def restore_method(self, checkpoint_dir: str | os.PathLike[str]) -> None:
+        """Before resuming from ``checkpoint_dir``: load the method tensors this trainer wrote there beside peft's
+        adapter (kind method+lora; the Trainer's own resume restores everything else). No-op for other kinds."""
+        if self._method_model is None:
+            return
+        path = Path(checkpoint_dir) / CHECKPOINT_METHOD_FILE
+        copy_method_tensors_strict(self._method_model, read_tensors(path), path)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         run_dir = Path(str(self.args.output_dir))

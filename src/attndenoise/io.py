@@ -40,6 +40,16 @@ class AdapterLoadError(ValueError):
     """The adapter does not fit this model."""
 
 
+def check_base_signature(model: nn.Module, recorded: dict[str, Any], problem: str, source: str) -> None:
+    """Raise :class:`AdapterLoadError` ``"<problem> (<each differing field>)"`` when ``model``'s
+    :func:`base_signature` differs from the ``recorded`` one (``source`` names the recording side)."""
+    actual = base_signature(model)
+    diffs = [f"{k}: {source} {recorded.get(k)!r} vs model {actual[k]!r}"
+             for k in actual if recorded.get(k) != actual[k]]
+    if diffs:
+        raise AdapterLoadError(f"{problem} ({'; '.join(diffs)})")
+
+
 def base_signature(model: nn.Module) -> dict[str, Any]:
     """What an adapter must agree with: family and attention geometry of the base model."""
     model = unwrap(model)
@@ -186,10 +196,7 @@ def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
             d = snapshot(str(directory), ADAPTER_FILES)
     cpath, wpath = adapter_files(d)
     meta = read_config(d)
-    expected, actual = meta["base"], base_signature(model)
-    diffs = [f"{k}: adapter {expected.get(k)!r} vs model {actual[k]!r}" for k in actual if expected.get(k) != actual[k]]
-    if diffs:
-        raise AdapterLoadError(f"{d}: adapter was made for another base architecture ({'; '.join(diffs)})")
+    check_base_signature(model, meta["base"], f"{d}: adapter was made for another base architecture", "adapter")
     cfg_data = dict(meta["config"]) if isinstance(meta["config"], dict) else {}
     method = cfg_data.pop("method", None)
     if not isinstance(method, str):
@@ -203,7 +210,7 @@ def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     tensors = read_tensors(wpath)
     apply(model, config)
     try:
-        _copy_strict(model, tensors, wpath)
+        copy_method_tensors_strict(model, tensors, wpath)
     except Exception:
         remove(model)
         raise
@@ -222,7 +229,9 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                                "(e.g. a copy that did not finish): write it again") from None
 
 
-def _copy_strict(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def copy_method_tensors_strict(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy a saved method file's ``tensors`` into ``model``'s method modules (names ``layers.<i>.<tensor>``),
+    all or nothing (:func:`copy_tensors_strict`)."""
     targets: dict[str, torch.Tensor] = {}
     for i, m in method_modules(model).items():
         for k, v in m.state_dict(keep_vars=True).items():

@@ -30,8 +30,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import registry
 from .attention import resolve_mask, top_left_causal
 from .config import MethodConfig
-from .families import attention_layers, family_of, geometry, is_causal, modelling_module
-from .methods.base import Call, LayerContext, LayerInfo, MethodModule
+from .families import attention_layers, geometry, is_causal, modelling_module
+from .methods.base import AttentionCall, LayerContext, LayerInfo, MethodModule, NotMergeableError
 from .wrappers import adapter_parameters, is_adapted, is_data_parallel, refuse_fsdp2, unwrap
 
 ATTN_IMPLEMENTATION = "attndenoise"
@@ -117,7 +117,7 @@ def attndenoise_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The function transformers calls for every attention layer once a method is applied."""
-    method: MethodModule | None = getattr(module, _SLOT, None)
+    method: MethodModule[Any] | None = getattr(module, _SLOT, None)
     eager = _wants_maps(module)
     if method is None:
         return _stock_attention(
@@ -126,9 +126,10 @@ def attndenoise_attention(
     ctx: LayerContext | None = module.__dict__.pop("_ad_ctx", None)
     if ctx is None:
         raise RuntimeError("attndenoise: attention called without its pre-hook (call the attention module itself)")
-    if not ctx.cached and method.caches_kv:
+    if not ctx.has_cache and method.caches_kv:
+        # without a cache, store runs here; under one it ran in _CacheProxy.update (methods/base.py: exactly once)
         key, value = method.store(module, key, value, ctx)
-    call = Call(
+    call = AttentionCall(
         mask=attention_mask, scaling=scaling, dropout=dropout, causal=is_causal(module),
         softcap=kwargs.get("softcap"), eager=eager,
     )
@@ -143,7 +144,7 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 class _CacheProxy:
     """Stands in for the KV cache during one attention forward: new keys/values are stored in the method's form."""
 
-    def __init__(self, cache: Any, module: nn.Module, method: MethodModule, ctx: LayerContext) -> None:
+    def __init__(self, cache: Any, module: nn.Module, method: MethodModule[Any], ctx: LayerContext) -> None:
         self._cache, self._module, self._method, self._ctx = cache, module, method, ctx
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -157,7 +158,7 @@ class _CacheProxy:
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def _check_trainable(method: MethodModule) -> None:
+def _check_trainable(method: MethodModule[Any]) -> None:
     """Refuse a training forward of a method whose parameters were all frozen behind its back.
 
     ``peft.get_peft_model`` (and TRL's ``peft_config=``) sets ``requires_grad=False`` on every non-LoRA parameter,
@@ -179,7 +180,7 @@ def _check_trainable(method: MethodModule) -> None:
 def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if module.__dict__.get("_ad_off", False):  # inside attndenoise.disabled: the stock layer, untouched inputs
         return None
-    method: MethodModule = getattr(module, _SLOT)
+    method: MethodModule[Any] = getattr(module, _SLOT)
     _check_trainable(method)
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     cache_key = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
@@ -187,7 +188,7 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     if cache is not None:
         method.check_cache(module, cache)
     ctx = LayerContext(
-        hidden_states=hidden, position_embeddings=kwargs.get("position_embeddings"), cached=cache is not None
+        hidden_states=hidden, position_embeddings=kwargs.get("position_embeddings"), has_cache=cache is not None
     )
     method.prepare(module, ctx)
     setattr(module, "_ad_ctx", ctx)  # noqa: B010 (nn.Module attribute typing)
@@ -239,6 +240,14 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
     module_cls = registry.module_class(config)
     config = module_cls.calibrate(model, config, **kwargs)
     chosen = config.select_layers(len(layers))
+    # Every method module is built before the model is touched: a constructor that refuses this model (DIFF's
+    # pairing on an odd number of heads) leaves it as it was, instead of frozen and half-patched.
+    methods: dict[int, MethodModule[Any]] = {}
+    for i in chosen:
+        attn = layers[i][1]
+        ref = next(attn.parameters())
+        info = LayerInfo(index=i, num_layers=len(layers), geometry=geometry(attn))
+        methods[i] = module_cls(config, info, attn).to(device=ref.device, dtype=ref.dtype)
     original = getattr(model.config, "_attn_implementation", None) or "sdpa"
     state = PatchState(
         config=config, layers={}, original_impl=original,
@@ -250,12 +259,9 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
             p.requires_grad_(False)
     for i, (_, attn) in enumerate(layers):
         setattr(attn, "_ad_fallback", original)  # noqa: B010
-        if i not in chosen:
+        if i not in methods:
             continue
-        ref = next(attn.parameters())
-        info = LayerInfo(index=i, num_layers=len(layers), geometry=geometry(attn), family=family_of(attn))  # type: ignore[arg-type]
-        method = module_cls(config, info).to(device=ref.device, dtype=ref.dtype)
-        attn.add_module(_SLOT, method)
+        attn.add_module(_SLOT, methods[i])
         state.hooks.append(attn.register_forward_pre_hook(_pre_hook, with_kwargs=True))
         state.layers[i] = attn
     setattr(model, "_attndenoise", state)  # noqa: B010
@@ -324,12 +330,11 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold a mergeable method (DEX, DiffV) into the base weights, then take it off: same outputs, no extra cost."""
+    """Fold a method with ``mergeable = True`` into the base weights, then take it off: same outputs, no extra
+    cost (see :func:`attndenoise.registry.mergeable_methods`)."""
     st = require_state(model)
     refuse_fsdp2(model, "merge()", "merge on an unsharded model (load the saved adapter into a stock copy)")
     methods = [getattr(a, _SLOT) for a in st.layers.values()]
-    from .methods.base import NotMergeableError
-
     if not all(m.mergeable for m in methods):
         mergeable = registry.mergeable_methods()
         raise NotMergeableError(
@@ -350,7 +355,7 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def method_modules(model: nn.Module) -> dict[int, MethodModule]:
+def method_modules(model: nn.Module) -> dict[int, MethodModule[Any]]:
     """Layer index -> method module of a patched model."""
     return {i: getattr(a, _SLOT) for i, a in require_state(model).layers.items()}
 

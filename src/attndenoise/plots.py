@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from .evaluate import METRICS, EvalResults  # noqa: E402
 from .measures import AttentionMeasures  # noqa: E402
+from .stats import mean_sd  # noqa: E402
 
 METRIC_LABELS = {"exact_match": "exact match", "f1": "token F1", "lenient": "lenient match (gold in prediction)",
                  "best_subspan_em": "best-subspan exact match"}
@@ -41,13 +42,6 @@ def _style(k: int) -> tuple[Any, str]:
 def _legend_outside(ax: Any) -> None:
     """Legend to the right of the axes, so that it never hides a line."""
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))  # sample std over seeds
 
 
 def accuracy_by_noise(results: Sequence[EvalResults], metric: str = "exact_match"
@@ -110,7 +104,7 @@ def accuracy_lines(results: Sequence[EvalResults], metric: str = "exact_match", 
         values, lower, upper = [], [], []
         for x in ratios:
             if several:
-                mean, sd = _mean_std(by_ratio[x])
+                mean, sd = mean_sd(by_ratio[x])
                 lo, hi = mean - sd, mean + sd
             else:
                 mean = by_ratio[x][0]
@@ -190,7 +184,7 @@ def protocol_bars(results: Sequence[EvalResults], panels: Mapping[str, Sequence[
                 vals = next((v for x, v in table.get(label, {}).items() if math.isclose(x, g)), None)
                 if not vals:
                     continue
-                mean, sd = _mean_std(vals)
+                mean, sd = mean_sd(vals)
                 bars.append(ProtocolBar(panel, label, float(g), mean, sd, len(vals), label == reference,
                                         label in baselines))
     return bars

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, MethodConfig
 
+if TYPE_CHECKING:  # methods.base imports nothing from here, but the method files import this module
+    from .methods.base import MethodModule
+
 #: method name -> config class (public: ``attndenoise.METHODS``)
 METHODS: dict[str, type[MethodConfig]] = {}
-_MODULES: dict[str, Any] = {}
+_MODULES: dict[str, type[MethodModule[Any]]] = {}
 
 
-def register(config_cls: type[MethodConfig], module_cls: Any) -> None:
+def register(config_cls: type[MethodConfig], module_cls: type[MethodModule[Any]]) -> None:
     """Bind ``config_cls.name`` to its config class and module class."""
     name = config_cls.name
     if not name:
         raise ValueError(f"{config_cls.__name__} has no method name")
     METHODS[name] = config_cls
     _MODULES[name] = module_cls
-    module_cls.config_cls = config_cls
 
 
 def _known() -> str:
@@ -32,7 +34,7 @@ def config_class(name: str) -> type[MethodConfig]:
         raise ConfigError(f"unknown method '{name}'; known methods: {_known()}") from None
 
 
-def module_class(config: MethodConfig) -> Any:
+def module_class(config: MethodConfig) -> type[MethodModule[Any]]:
     return _MODULES[config.name]
 
 
@@ -47,17 +49,16 @@ def trainable_methods() -> list[str]:
     return sorted(n for n, c in METHODS.items() if c.trainable)
 
 
+def inference_methods() -> list[str]:
+    """Names of the inference-only methods (nothing to train: SRA), sorted."""
+    return sorted(n for n, c in METHODS.items() if not c.trainable)
+
+
 def two_map_methods() -> frozenset[str]:
     """Names of the methods that compute two attention maps per head (``MethodConfig.two_maps``)."""
     return frozenset(n for n, c in METHODS.items() if c.two_maps)
 
 
 def mergeable_methods() -> list[str]:
-    """Names of the methods whose module can fold into base weights."""
-    return sorted(n for n, m in _MODULES.items() if getattr(m, "merge_into", None) is not _base_merge())
-
-
-def _base_merge():  # type: ignore[no-untyped-def]
-    from .methods.base import MethodModule
-
-    return MethodModule.merge_into
+    """Names of the methods whose module can fold into base weights (``MethodModule.mergeable``), sorted."""
+    return sorted(n for n, m in _MODULES.items() if m.mergeable)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import MethodConfig
 from .wrappers import unwrap
 
 
@@ -51,6 +52,64 @@ class LambdaSchedule(nn.Module):
         return f"init={self.lambda_init}, T={self.anneal_steps}, kind={self.kind}"
 
 
+class ReparamLambda(LambdaSchedule):
+    """The Differential Transformer's ``r = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init`` (Ye et al.,
+    "Differential Transformer", arXiv 2410.05258) under the common warm-up.
+
+    The four vectors are drawn from ``N(0, std^2)`` (length ``head_dim``; one set per layer, or per head/pair). ``r``
+    enters the schedule *in place of* ``lambda_learn``: ``"paper"``: ``lambda(t) = (1 - a) (t/T) lambda_init + a r``,
+    ``"linear"``: ``lambda(t) = a r``, ``a = min(1, t/T)``. So ``lambda(0) = 0`` (identity at init when
+    ``anneal_steps > 0``) and ``lambda(t >= T) = r`` ("once warm-up ends"); with ``anneal_steps=0`` ``lambda = r``
+    from the start, as in a from-scratch DIFF model (not the identity then). See docs/methods.md, section DIFF
+    retrofit.
+
+    A :class:`LambdaSchedule` subclass so that :func:`step`, the Trainer callback and saving treat its ``step`` like
+    every other schedule's; it has no ``lambda_learn``.
+    """
+
+    lambda_q1: nn.Parameter
+    lambda_k1: nn.Parameter
+    lambda_q2: nn.Parameter
+    lambda_k2: nn.Parameter
+
+    def __init__(
+        self, num: int, dim: int, lambda_init: float, anneal_steps: int, kind: str, std: float
+    ) -> None:
+        super().__init__(num, lambda_init, anneal_steps, kind)
+        del self.lambda_learn
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+            self.register_parameter(name, nn.Parameter(torch.randn(num, dim) * std))
+
+    def reparam(self) -> torch.Tensor:
+        """``r``, shape ``(num,)``, float32."""
+        e1 = torch.exp((self.lambda_q1.float() * self.lambda_k1.float()).sum(-1))
+        e2 = torch.exp((self.lambda_q2.float() * self.lambda_k2.float()).sum(-1))
+        return e1 - e2 + self.lambda_init
+
+    def forward(self) -> torch.Tensor:
+        r = self.reparam()
+        if self.anneal_steps == 0:
+            return r
+        ramp = self.step.float() / self.anneal_steps
+        alpha = ramp.clamp(max=1.0)
+        if self.kind == "linear":
+            return alpha * r
+        return (1 - alpha) * ramp * self.lambda_init + alpha * r
+
+
+def schedule_for(
+    config: MethodConfig, layer: int, num: int, *, reparam_dim: int | None = None, reparam_std: float = 0.1
+) -> LambdaSchedule:
+    """The lambda of layer ``layer`` under ``config``'s common fields: ``num`` values (one per head) or one
+    (``lambda_granularity="layer"``). ``reparam_dim`` given: :class:`ReparamLambda` with vectors of that length
+    drawn with ``reparam_std``; otherwise the plain :class:`LambdaSchedule`."""
+    n = num if config.lambda_granularity == "head" else 1
+    init = config.lambda_init_for(layer)
+    if reparam_dim is not None:
+        return ReparamLambda(n, reparam_dim, init, config.anneal_steps, config.lambda_schedule, reparam_std)
+    return LambdaSchedule(n, init, config.anneal_steps, config.lambda_schedule)
+
+
 def _schedules(model: nn.Module) -> list[LambdaSchedule]:
     return [m for m in unwrap(model).modules() if isinstance(m, LambdaSchedule)]
 
@@ -79,4 +138,4 @@ def current_lambdas(model: nn.Module) -> dict[str, list[float]]:
     return out
 
 
-__all__ = ["LambdaSchedule", "step", "set_step", "current_lambdas", "unwrap"]
+__all__ = ["LambdaSchedule", "ReparamLambda", "schedule_for", "step", "set_step", "current_lambdas", "unwrap"]

@@ -222,18 +222,9 @@ class Study:
 
     def matched_rank(self, method: str) -> int:
         """The LoRA rank whose parameter count on the trained layers' projections is nearest the method's."""
-        from .patch import apply
-        from .train import projection_modules
+        from .train import matched_lora_rank
 
-        probe = copy.deepcopy(self.stock)
-        k = self.cfg.top_layers
-        apply(probe, registry.config_for(method, layers=list(range(-k, 0)) if k else "all"))
-        count = sum(p.numel() for p in probe.parameters() if p.requires_grad)
-        per_rank = 0
-        for m in projection_modules(self.stock, k or None).values():
-            w: Any = m.weight
-            per_rank += int(w.shape[0]) + int(w.shape[1])
-        return max(1, round(count / per_rank))
+        return matched_lora_rank(self.stock, method, top=self.cfg.top_layers or None)
 
     def planned(self, row: Row, seed: int, lr: float, schedule: str | None, tag: str = "") -> Any:
         """The ``TrainConfig`` of one row's run; its folder name says row, seed, rate and schedule."""

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .stats import paired_bootstrap, seed_verdict
 from .study import BASE, mean_sd, parse_row
 
 #: the accuracy curve: distractors -> the settings averaged for it (9: the gold first, middle and last)
@@ -60,18 +61,37 @@ def noisy_score(scores: Mapping[str, float]) -> float | None:
 
 
 def verdict(cand: Sequence[float], ref: Sequence[float]) -> str:
-    """Better / worse only when every seed of one lies beyond every seed of the other; else within the spread."""
-    if not cand or not ref:
-        return "not measured"
-    if len(cand) < 2 or len(ref) < 2:
-        d = mean_sd(cand)[0] - mean_sd(ref)[0]
-        return f"{d:+.1f} points (one seed: no spread to judge by)"
-    d = mean_sd(cand)[0] - mean_sd(ref)[0]
-    if min(cand) > max(ref):
-        return f"better, {d:+.1f} points (every seed above every baseline seed)"
-    if max(cand) < min(ref):
-        return f"worse, {d:+.1f} points (every seed below every baseline seed)"
-    return f"within the seed spread ({d:+.1f} points)"
+    """Better / worse only when every seed of one lies beyond every seed of the other (:func:`seed_verdict`);
+    else within the spread."""
+    outcome, d = seed_verdict(cand, ref)
+    return {"not measured": "not measured",
+            "one seed": f"{d:+.1f} points (one seed: no spread to judge by)",
+            "better": f"better, {d:+.1f} points (every seed above every baseline seed)",
+            "worse": f"worse, {d:+.1f} points (every seed below every baseline seed)",
+            "within": f"within the seed spread ({d:+.1f} points)"}[outcome]
+
+
+def question_noisy(answers: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str],
+                   metric: str = "best_subspan_em") -> list[float] | None:
+    """Per test question: the noisy score (:func:`noisy_score`'s weighting of the 9- and 19-distractor settings) in
+    %, averaged over the model ``keys`` (a row's seeds); ``None`` when a key or a setting is missing."""
+    names = {k: [s for s in CURVE[k] if s in answers] for k in NOISY}
+    if not all(names.values()) or not keys:
+        return None
+    n = len(answers[names[NOISY[0]][0]])
+    out = []
+    for q in range(n):
+        per_key = []
+        for key in keys:
+            pts = []
+            for k in NOISY:
+                rows = [answers[s][q]["answers"].get(key) for s in names[k]]
+                if any(r is None for r in rows):
+                    return None
+                pts.append(sum(float(r[metric] or 0.0) for r in rows) / len(rows))  # type: ignore[index]
+            per_key.append(100 * sum(pts) / len(pts))
+        out.append(sum(per_key) / len(per_key))
+    return out
 
 
 def plot_protocols(scores: Mapping[str, Mapping[str, float]], rows: Sequence[str], seeds: Sequence[int],
@@ -190,7 +210,12 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
                          if p else f"| {label} | ? | {' | '.join(cells)} | {_fmt(nd)} | {_fmt(at, 2)}% |")
         lines.append("")
     lines += ["## Verdicts (within protocol, noisy settings: mean of the 9 and 19 points)", "",
-              "| row | baseline | row | baseline value | verdict |", "|---|---|---|---|---|"]
+              "The verdict is the seed rule: better or worse only when every seed of the row lies beyond every seed "
+              "of its baseline. The question interval is the other source of noise: a 95% paired bootstrap interval "
+              f"of the difference over the {n} test questions (each question's score averaged over the seeds; "
+              "10,000 resamples). A difference whose interval holds 0 could come from the choice of questions alone.",
+              "", "| row | baseline | row | baseline value | verdict | question interval |",
+              "|---|---|---|---|---|---|"]
     noisy = by_row(scores, rows, seeds, noisy_score)
     verdicts = []
     for label in rows:
@@ -200,7 +225,13 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
         ref = noisy.get(r.baseline, [])
         v = verdict(noisy[label], ref)
         verdicts.append((label, v))
-        lines.append(f"| {label} | {r.baseline} | {_fmt(noisy[label])} | {_fmt(ref)} | {v} |")
+        own = question_noisy(answers, [f"{label}@{s}" for s in seeds])
+        theirs = question_noisy(answers, [f"{r.baseline}@{s}" for s in seeds])
+        ci = "-"
+        if own is not None and theirs is not None:
+            lo, hi = paired_bootstrap([a - b for a, b in zip(own, theirs, strict=True)])
+            ci = f"[{lo:+.1f}, {hi:+.1f}]"
+        lines.append(f"| {label} | {r.baseline} | {_fmt(noisy[label])} | {_fmt(ref)} | {v} | {ci} |")
     better = [lab for lab, v in verdicts if v.startswith("better")]
     worse = [lab for lab, v in verdicts if v.startswith("worse")]
     lines += ["", ("Beyond the seed spread, better than its own baseline: " + (", ".join(better) or "none")

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from .cache import CACHE_ENV, cached_build, default_cache_dir  # noqa: F401  (re-exported)
+from .data import build_tokenizer
 from .data.examples import NoisyExample, build_noisy_example
 from .data.formatting import DEFAULT_FORMAT, IGNORE_INDEX, collate, encode_for_training, format_context
 from .data.synthetic import ATTRIBUTE_BY_NAME, DOCUMENT_STYLES, SyntheticQA
-from .data.tokenizer import build_tokenizer
 
 TINY_VERSION = 2
 METADATA_FILE = "attndenoise_tiny.json"

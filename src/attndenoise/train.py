@@ -31,6 +31,7 @@ and a resumed run sees the batches it would have seen uninterrupted.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -44,7 +45,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -52,6 +53,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import registry
+from .checkpoints import (  # noqa: F401 - CHECKPOINT_* and checkpoint_tensors: part of this module's namespace
+    CHECKPOINT_METHOD_FILE,
+    CHECKPOINT_RECORD_FILE,
+    CHECKPOINT_TRAINABLE_FILE,
+    TrainError,
+    checkpoint_tensors,
+)
 from .config import ConfigError, MethodConfig
 from .data import (
     DEFAULT_FORMAT,
@@ -68,8 +76,7 @@ from .data import (
 )
 from .data.formatting import PromptFormat
 from .families import attention_layers
-from .io import AdapterLoadError, _copy_strict, base_signature, copy_tensors_strict, load, read_tensors, save
-from .patch import _SLOT as _METHOD_SLOT
+from .io import AdapterLoadError, base_signature, check_base_signature, copy_tensors_strict, load, read_tensors, save
 from .patch import apply, remove, state_of
 from .schedule import current_lambdas
 
@@ -81,14 +88,6 @@ KINDS = ("method", "method+attn", "method+lora", "lora", "none")
 RUN_FILE = "run.json"
 LORA_DIR = "lora"
 PROJECTIONS_FILE = "projections.safetensors"
-# Method tensors inside a checkpoint of a method+lora run: a flat file, because the Trainer takes any subfolder holding
-# adapter_model.safetensors for a peft adapter.
-CHECKPOINT_METHOD_FILE = "attndenoise_method.safetensors"
-# Kinds method and none: a checkpoint holds only the trained tensors (plus optimiser, scheduler, RNG and Trainer
-# state), not the whole base model.
-CHECKPOINT_TRAINABLE_FILE = "attndenoise_trainable.safetensors"
-# The settings (TrainConfig) a checkpoint was trained with, so --resume can refuse changed ones.
-CHECKPOINT_RECORD_FILE = "attndenoise_train.json"
 # Fields that may change on --resume without changing what is trained.
 RESUME_FREE = ("out", "resume", "force_resume", "progress", "save_steps", "save_total_limit", "logging_steps")
 RUN_FORMAT = 1
@@ -96,10 +95,6 @@ SYNTHETIC = "synthetic"
 SYNTHETIC_DEFAULT_NOISE = 0.8
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or cannot continue; the message says why and what to do."""
 
 
 def known_methods() -> list[str]:
@@ -456,15 +451,6 @@ def prompt_format(config: TrainConfig) -> PromptFormat:
 # -- model preparation ----------------------------------------------------------------------------------------------
 
 
-def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint of kind method / none holds: every trainable parameter and every tensor of the method
-    modules (their buffers, e.g. the schedule step), by state-dict name. The frozen base is not saved: a resumed run
-    rebuilds it from the base model."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict(keep_vars=True).items()
-            if k in trainable or f".{_METHOD_SLOT}." in f".{k}"}
-
-
 def projection_modules(model: nn.Module, top: int | None = None) -> dict[str, nn.Module]:
     """Full name -> module of every attention projection (q/k/v/o, fused qkv, GPT-2's c_attn/c_proj); with
     ``top``, of the last ``top`` attention layers only.
@@ -705,6 +691,20 @@ def _finished_run(config: TrainConfig, out: Path, model: nn.Module | None, token
                        main_process=int(os.environ.get("RANK", "0")) == 0, already_finished=True)
 
 
+def matched_lora_rank(model: nn.Module, method: str, options: dict[str, Any] | None = None,
+                      top: int | None = None) -> int:
+    """The LoRA rank whose trainable-parameter count on the attention projections (of the last ``top`` layers, or
+    all) is nearest ``method``'s own with ``options`` on the same layers: the baseline ``lora~<method>`` of the
+    method-alone protocol. ``model`` is not changed (a copy is patched)."""
+    probe = copy.deepcopy(model).requires_grad_(False)
+    layers = {"layers": list(range(-top, 0))} if top else {}
+    apply(probe, registry.config_for(method, **{**(options or {}), **layers}))
+    count = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    per_rank = sum(int(w.shape[0]) + int(w.shape[1])
+                   for w in (cast(torch.Tensor, m.weight) for m in projection_modules(model, top).values()))
+    return max(1, round(count / per_rank))
+
+
 # -- train ----------------------------------------------------------------------------------------------------------
 
 
@@ -724,77 +724,40 @@ def train(
     Runs unchanged under ``torchrun`` (each process calls this; only the main process writes the outputs).
     """
     # transformers' Trainer (and peft and datasets with it) takes seconds to import: only a training run pays for it.
-    from transformers import PrinterCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, set_seed
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
     from .hf_trainer import AtomicTrainer, LambdaCallback, LambdaHistory
 
-    if isinstance(model, str | os.PathLike):
-        overrides["model"], model = str(model), None
-    # In-memory data (a datasets.Dataset, a list of records): parsed from the object, recorded by count and hash.
-    records: Sequence[Any] | None = None
-    data = overrides.get("data", config.data if config is not None else None)
-    if isinstance(data, os.PathLike):
-        overrides["data"] = str(data)
-    elif data is not None and not isinstance(data, str):
-        records = list(data)
-        overrides["data"] = in_memory_label(records)
-    config = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
-    if config.qlora:
-        _check_qlora_available()  # before anything is loaded
-        if model is not None:
-            raise TrainError("--qlora loads the base in 4 bits itself: pass the model path, not a model object")
-    if model is None and not config.model:
-        raise ConfigError("model: give a model path or hub id (or pass a model object)")
-    if (model is None) != (tokenizer is None):
-        raise ConfigError("pass both model and tokenizer objects, or neither")
+    config, net, records = _resolve_inputs(config, model, tokenizer, overrides)
     out = Path(config.out)
     out_existed = out.exists()
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if out.is_dir() and not config.resume and (last is not None or (out / RUN_FILE).exists()):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if config.resume and (out / RUN_FILE).is_file():
-        return _finished_run(config, out, model, tokenizer)
+        return _finished_run(config, out, net, tokenizer)
     resume_overrides = _check_resume(config, last) if config.resume and last is not None else []
 
     examples = load_training_examples(config, records)  # data errors surface before the model is loaded
-    if model is None:
-        model, tokenizer = _load_model(config)
-    base_path = config.model or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if net is None:
+        net, tokenizer = _load_model(config)
+    base_path = config.model or str(getattr(getattr(net, "config", None), "_name_or_path", "") or "")
 
     set_seed(config.seed)  # LoRA initialisation; identical on every process
-    report = encode_examples(examples, tokenizer, config.max_length, fmt=prompt_format(config), on_too_long="skip")
-    if not report.encoded:
-        raise TrainError(f"no example fits in max_length={config.max_length}; raise --max-length")
-    features = [e.features() for e in report.encoded]
-    warn_unknown_tokens(tokenizer, [f["input_ids"] for f in features], f"training data {config.data}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise TrainError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    report, features, pad_id = _encode(config, examples, tokenizer)
 
-    lora_config = _lora_config(config, model) if config.kind in ("lora", "method+lora") else None
+    lora_config = _lora_config(config, net) if config.kind in ("lora", "method+lora") else None
     # A few training examples for options resolved from data (e.g. DEX's entropy head selection), built only when
     # the method needs them; the batch is padded, and the mask keeps padding out of the statistics.
     method_cfg = config.method_config()
     calib = None
     if method_cfg is not None and method_cfg.needs_calibration:
         calib = {k: v for k, v in collate(features[:8], pad_id).items() if k != "labels"}
-    _check_top_layers(config, model)
-    train_model, base = prepare_model(model, config, lora_config, calibration_inputs=calib)
+    _check_top_layers(config, net)
+    train_model, base = prepare_model(net, config, lora_config, calibration_inputs=calib)
     signature = base_signature(base)
-    cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, max_steps=config.steps, learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, lr_scheduler_type=config.lr_scheduler,
-        logging_steps=config.logging_steps, logging_first_step=True, save_strategy="steps",
-        save_steps=config.save_steps, save_total_limit=config.save_total_limit, seed=config.seed,
-        data_seed=config.seed, report_to=[], use_cpu=not cuda,
-        disable_tqdm=not config.progress, remove_unused_columns=False, dataloader_num_workers=0,
-        train_sampling_strategy="sequential",
-        # Some methods leave parameters unused in some layers (e.g. layer selection); DDP must be told.
-        ddp_find_unused_parameters=config.kind != "none",
-    )
+    args = _training_arguments(config, out)
     optimizers: Any = (None, None)
     if config.method_lr is not None:
         optimizers = (_two_rate_optimizer(config, args, train_model, base), None)
@@ -821,9 +784,8 @@ def train(
         for stale in out.glob(f".tmp-{PREFIX_CHECKPOINT_DIR}-*"):  # left by a run killed mid-checkpoint
             shutil.rmtree(stale, ignore_errors=True)
     resume_from = get_last_checkpoint(str(out)) if config.resume and out.is_dir() else None
-    if resume_from is not None and config.kind == "method+lora":
-        method_file = Path(resume_from) / CHECKPOINT_METHOD_FILE
-        _copy_strict(base, read_tensors(method_file), method_file)
+    if resume_from is not None:
+        trainer.restore_method(resume_from)
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
@@ -834,6 +796,78 @@ def train(
         raise
     seconds = time.perf_counter() - start
 
+    run = _run_record(config, trainer, args, base, train_model, lora_config, base_path, signature,
+                      examples=len(features), skipped=len(report.skipped), seconds=seconds,
+                      resume_from=resume_from, resume_overrides=resume_overrides)
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_outputs(out, config.kind, train_model, base, lm_head=config.lm_head, top=config.top_layers)
+        _atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(out_dir=out, run=run, model=train_model, main_process=trainer.is_world_process_zero())
+
+
+def _resolve_inputs(config: TrainConfig | None, model: Any, tokenizer: Any,
+                    overrides: dict[str, Any]) -> tuple[TrainConfig, nn.Module | None, Sequence[Any] | None]:
+    """``train``'s arguments checked and merged: the config with ``overrides`` applied, the model object (``None``
+    when it is to be loaded from ``config.model``) and in-memory training records (``None`` for a data file)."""
+    if isinstance(model, str | os.PathLike):
+        overrides["model"], model = str(model), None
+    # In-memory data (a datasets.Dataset, a list of records): parsed from the object, recorded by count and hash.
+    records: Sequence[Any] | None = None
+    data = overrides.get("data", config.data if config is not None else None)
+    if isinstance(data, os.PathLike):
+        overrides["data"] = str(data)
+    elif data is not None and not isinstance(data, str):
+        records = list(data)
+        overrides["data"] = in_memory_label(records)
+    config = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    if config.qlora:
+        _check_qlora_available()  # before anything is loaded
+        if model is not None:
+            raise TrainError("--qlora loads the base in 4 bits itself: pass the model path, not a model object")
+    if model is None and not config.model:
+        raise ConfigError("model: give a model path or hub id (or pass a model object)")
+    if (model is None) != (tokenizer is None):
+        raise ConfigError("pass both model and tokenizer objects, or neither")
+    return config, model, records
+
+
+def _encode(config: TrainConfig, examples: Sequence[Any], tokenizer: Any) -> tuple[Any, list[dict[str, Any]], int]:
+    """The training examples encoded (those longer than ``max_length`` skipped), their features and the pad id."""
+    report = encode_examples(examples, tokenizer, config.max_length, fmt=prompt_format(config), on_too_long="skip")
+    if not report.encoded:
+        raise TrainError(f"no example fits in max_length={config.max_length}; raise --max-length")
+    features = [e.features() for e in report.encoded]
+    warn_unknown_tokens(tokenizer, [f["input_ids"] for f in features], f"training data {config.data}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise TrainError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    return report, features, int(pad_id)
+
+
+def _training_arguments(config: TrainConfig, out: Path) -> Any:
+    """The Trainer's arguments for ``config`` (sequential sampling: the order is :func:`training_order`'s)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, max_steps=config.steps, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, lr_scheduler_type=config.lr_scheduler,
+        logging_steps=config.logging_steps, logging_first_step=True, save_strategy="steps",
+        save_steps=config.save_steps, save_total_limit=config.save_total_limit, seed=config.seed,
+        data_seed=config.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not config.progress, remove_unused_columns=False, dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        # Some methods leave parameters unused in some layers (e.g. layer selection); DDP must be told.
+        ddp_find_unused_parameters=config.kind != "none",
+    )
+
+
+def _run_record(config: TrainConfig, trainer: Any, args: Any, base: nn.Module, train_model: nn.Module,
+                lora_config: Any, base_path: str, signature: dict[str, Any], *, examples: int, skipped: int,
+                seconds: float, resume_from: str | None, resume_overrides: list[dict[str, Any]]) -> dict[str, Any]:
+    """The content of ``run.json``: what was trained, on what, how long, and its loss and lambda history."""
     run = {
         "format_version": RUN_FORMAT,
         "kind": config.kind,
@@ -845,10 +879,10 @@ def train(
         "base": signature,
         "steps": trainer.state.global_step,
         "world_size": args.world_size,
-        "global_batch": global_batch,
-        "examples": len(features),
+        "global_batch": config.batch_size * config.grad_accum * args.world_size,
+        "examples": examples,
         "trainable_parameters": sum(p.numel() for p in train_model.parameters() if p.requires_grad),
-        "skipped_too_long": len(report.skipped),
+        "skipped_too_long": skipped,
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
         "lambda_history": [
             {"step": h["step"], **{k: v for k, v in h.items() if k.startswith("lambda/")}}
@@ -861,12 +895,7 @@ def train(
         "versions": _versions(),
     }
     run["lora"] = jsonable(run["lora"])
-    if args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_outputs(out, config.kind, train_model, base, lm_head=config.lm_head, top=config.top_layers)
-        _atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
-    trainer.accelerator.wait_for_everyone()
-    return TrainResult(out_dir=out, run=run, model=train_model, main_process=trainer.is_world_process_zero())
+    return run
 
 
 def _two_rate_optimizer(config: TrainConfig, args: Any, train_model: nn.Module, base: nn.Module) -> Any:
@@ -1010,10 +1039,7 @@ def load_trained(model: nn.Module, run_dir: str | os.PathLike[str]) -> nn.Module
     kind = run["kind"]
     if state_of(model) is not None:
         raise AdapterLoadError("the model already carries an attndenoise method; pass a stock model")
-    expected, actual = run["base"], base_signature(model)
-    diffs = [f"{k}: run {expected.get(k)!r} vs model {actual[k]!r}" for k in actual if expected.get(k) != actual[k]]
-    if diffs:
-        raise AdapterLoadError(f"{d}: the run was trained on another base architecture ({'; '.join(diffs)})")
+    check_base_signature(model, run["base"], f"{d}: the run was trained on another base architecture", "run")
     if kind == "none":
         top = run.get("config", {}).get("top_layers")
         _load_projections(model, d / PROJECTIONS_FILE, projection_parameters(model, top))

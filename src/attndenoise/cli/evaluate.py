@@ -22,6 +22,8 @@ from .common import (
     user_errors,
 )
 
+#: ``attndenoise.evaluate.TASKS``, spelled out so that building the CLI does not import the evaluation code (torch
+#: generation utilities: about a third more start-up time); tests/test_cli.py pins the two equal
 TASK_NAMES = ("noisy-qa", "needle", "ppl")
 
 

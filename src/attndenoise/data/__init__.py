@@ -11,6 +11,11 @@ Typical use::
     enc.input_ids, enc.labels, enc.gold_span
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from .examples import ChatExample, Example, NoisyExample, build_noisy_example, noisy_examples, num_distractors
 from .formatting import (
     DEFAULT_FORMAT,
@@ -48,15 +53,30 @@ from .retrieval import (
     squad_normalize,
 )
 from .synthetic import ATTRIBUTES, SyntheticQA, count_tokens, lexicon_texts
+from .synthetic import vocabulary as default_vocabulary
 from .tokenizer import (
     UnknownTokensWarning,
-    build_tokenizer,
-    default_vocabulary,
     normalize_answer,
     unknown_token_share,
     vocabulary_from_texts,
     warn_unknown_tokens,
 )
+from .tokenizer import (
+    build_tokenizer as _build_tokenizer,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+
+def build_tokenizer(
+    vocabulary: Iterable[str] | None = None, *, model_max_length: int = 2048
+) -> PreTrainedTokenizerFast:
+    """The embedded word-level tokenizer (:func:`attndenoise.data.tokenizer.build_tokenizer`) over ``vocabulary``,
+    by default the embedded tasks' closed vocabulary (:func:`default_vocabulary`)."""
+    return _build_tokenizer(default_vocabulary() if vocabulary is None else vocabulary,
+                            model_max_length=model_max_length)
+
 
 __all__ = [
     "NoisyExample", "ChatExample", "Example", "num_distractors", "build_noisy_example", "noisy_examples",

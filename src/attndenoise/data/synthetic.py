@@ -26,10 +26,12 @@ tokenizer never needs an unknown token for synthetic text.
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .examples import NoisyExample
+from .tokenizer import FORMAT_WORDS, pre_tokenizer, vocabulary_from_texts
 
 FIRST_NAMES = (
     "Alvo", "Bexa", "Corin", "Dalen", "Esko", "Fenna", "Galo", "Hesta", "Ivor", "Jorra", "Kalo", "Lenna",
@@ -88,10 +90,14 @@ def lexicon_texts() -> list[str]:
     return texts
 
 
+def vocabulary() -> list[str]:
+    """The embedded tokenizer's vocabulary: special tokens, digits, ASCII punctuation, the prompt format's words,
+    then every word of the synthetic tasks (a closed vocabulary: their text never needs an unknown token)."""
+    return vocabulary_from_texts([*string.digits, *string.punctuation, *FORMAT_WORDS, *lexicon_texts()])
+
+
 def count_tokens(text: str) -> int:
     """Length of ``text`` in the embedded tokenizer's units (words, punctuation marks, single digits)."""
-    from .tokenizer import pre_tokenizer
-
     return len(pre_tokenizer().pre_tokenize_str(text))
 
 

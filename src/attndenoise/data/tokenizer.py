@@ -10,7 +10,6 @@ round-trips exactly except for numbers, whose digits come back space-separated (
 from __future__ import annotations
 
 import re
-import string
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import cache
@@ -44,13 +43,6 @@ def _pre_tokenizer() -> PreTokenizer:
     ])
 
 
-def default_vocabulary() -> list[str]:
-    """Special tokens, digits, ASCII punctuation, format words, then every word of the synthetic tasks."""
-    from .synthetic import lexicon_texts
-
-    return vocabulary_from_texts([*string.digits, *string.punctuation, *FORMAT_WORDS, *lexicon_texts()])
-
-
 def vocabulary_from_texts(texts: Iterable[str]) -> list[str]:
     """Special tokens first (fixed ids 0-3), then the distinct pre-tokenized pieces of ``texts`` in first-seen order."""
     pieces: dict[str, None] = dict.fromkeys(SPECIAL_TOKENS)
@@ -61,15 +53,14 @@ def vocabulary_from_texts(texts: Iterable[str]) -> list[str]:
     return list(pieces)
 
 
-def build_tokenizer(
-    vocabulary: Iterable[str] | None = None, *, model_max_length: int = 2048
-) -> PreTrainedTokenizerFast:
-    """A word-level ``PreTrainedTokenizerFast``; ``vocabulary`` defaults to ``default_vocabulary()``.
+def build_tokenizer(vocabulary: Iterable[str], *, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+    """A word-level ``PreTrainedTokenizerFast`` over ``vocabulary`` (the embedded tasks' one:
+    ``attndenoise.data.synthetic.vocabulary()``; ``attndenoise.data.build_tokenizer`` takes it by default).
 
     The vocabulary must start with ``<pad> <unk> <s> </s>`` (ids 0-3). The result has no chat template, so prompts use
     the documented default format; ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` round-trip it offline.
     """
-    vocab = list(default_vocabulary() if vocabulary is None else vocabulary)
+    vocab = list(vocabulary)
     if tuple(vocab[:4]) != SPECIAL_TOKENS:
         raise ValueError(f"the vocabulary must start with {SPECIAL_TOKENS}, got {vocab[:4]}")
     if len(set(vocab)) != len(vocab):
@@ -132,7 +123,7 @@ def warn_unknown_tokens(tokenizer: Any, token_ids: Iterable[Sequence[int]], what
             f"{what}: the tokenizer maps {share:.0%} of the tokens ({count} of {total}) to its unknown token "
             f"{tokenizer.unk_token!r}, so the model cannot read those words. Use a base model whose tokenizer covers "
             "the data (--model smollm2-135m, a model folder or a hub id), or keep to the tokenizer's vocabulary (the "
-            "tiny model knows the words of attndenoise.data.default_vocabulary())",
+            "tiny model knows the words of attndenoise.data.synthetic.vocabulary())",
             UnknownTokensWarning, stacklevel=2,
         )
     return share

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..config import MethodConfig, _choice
+from ..config import MethodConfig, choice
 from ..families import rope, unrope
-from .base import Call, LayerContext, LayerInfo, MethodModule
+from .base import AttentionCall, LayerContext, LayerInfo, MethodModule
 
 
 @dataclass
@@ -41,28 +41,31 @@ class DAAConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        _choice("where", self.where, ("pre_rope", "post_rope"))
+        choice("where", self.where, ("pre_rope", "post_rope"))
 
 
-class DAA(MethodModule):
+class DAA(MethodModule[DAAConfig]):
     """Per-head query transform and the two-map difference."""
 
-    def __init__(self, config: DAAConfig, info: LayerInfo) -> None:
-        super().__init__(config, info)
+    def __init__(self, config: DAAConfig, info: LayerInfo, attn: nn.Module) -> None:
+        super().__init__(config, info, attn)
         g = info.geometry
         self.weight = nn.Parameter(torch.eye(g.head_dim).repeat(g.num_heads, 1, 1))  # (h, d, d)
         self.lam = self.make_lambda()
 
     def second_query(self, attn: nn.Module, query: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         w = self.weight.to(query.dtype)
-        if self.config.where == "post_rope":  # type: ignore[attr-defined]
+        if self.config.where == "post_rope":
             return torch.matmul(query, w[None])
         pre = unrope(attn, query, ctx.position_embeddings)
         return rope(attn, torch.matmul(pre, w[None]), ctx.position_embeddings)
 
-    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
+    def attend(
+        self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
+        call: AttentionCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q2 = self.second_query(attn, query, ctx)
-        return call.two_maps(query, key, q2, key, value, 1.0, -self.lam())
+        return call.two_maps(query, key, q2, key, value, c1=1.0, c2=-self.lam())
 
 
 registry.register(DAAConfig, DAA)

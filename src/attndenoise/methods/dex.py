@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..config import ConfigError, MethodConfig, _choice
+from ..config import ConfigError, MethodConfig, boolean, choice
 from ..families import projection
-from .base import Call, LayerContext, LayerInfo, MethodModule
+from .base import AttentionCall, LayerContext, LayerInfo, MethodModule
 
 
 @dataclass
@@ -52,10 +52,9 @@ class DEXConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        _choice("init", self.init, ("identity", "zero"))
-        _choice("head_selection", self.head_selection, ("all", "entropy"))
-        if not isinstance(self.shared, bool):
-            raise ConfigError(f"shared={self.shared!r}: must be true or false")
+        choice("init", self.init, ("identity", "zero"))
+        choice("head_selection", self.head_selection, ("all", "entropy"))
+        boolean("shared", self.shared)
         if not isinstance(self.head_fraction, (int, float)) or not 0 < self.head_fraction <= 1:
             raise ConfigError(f"head_fraction={self.head_fraction!r}: must be in (0, 1]")
         if self.heads is not None:
@@ -68,11 +67,13 @@ class DEXConfig(MethodConfig):
         return self.head_selection == "entropy" and self.heads is None
 
 
-class DEX(MethodModule):
+class DEX(MethodModule[DEXConfig]):
     """Per-head output extension ``O_i (I - lambda W_i)``."""
 
-    def __init__(self, config: DEXConfig, info: LayerInfo) -> None:
-        super().__init__(config, info)
+    mergeable = True
+
+    def __init__(self, config: DEXConfig, info: LayerInfo, attn: nn.Module) -> None:
+        super().__init__(config, info, attn)
         g = info.geometry
         n = 1 if config.shared else g.num_heads
         base = torch.eye(g.head_dim) if config.init == "identity" else torch.zeros(g.head_dim, g.head_dim)
@@ -89,7 +90,10 @@ class DEX(MethodModule):
         """``lambda_i`` for selected heads, 0 for the others, shape (h,)."""
         return self.lam().expand(self.info.geometry.num_heads) * self.selected.float()
 
-    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
+    def attend(
+        self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
+        call: AttentionCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         o, p = call.one_map(query, key, value)
         ext = torch.matmul(o.float(), self.weight.float()[None])  # O_i W_i, (B, H, N, D)
         out = o.float() - self.gains().view(1, -1, 1, 1) * ext
@@ -109,8 +113,7 @@ class DEX(MethodModule):
         w.copy_(wf.to(w.dtype))
 
     @classmethod
-    def calibrate(cls, model: nn.Module, config: MethodConfig, **kwargs: Any) -> MethodConfig:
-        assert isinstance(config, DEXConfig)
+    def calibrate(cls, model: nn.Module, config: DEXConfig, **kwargs: Any) -> DEXConfig:
         inputs = kwargs.pop("calibration_inputs", None)
         super().calibrate(model, config, **kwargs)
         if config.head_selection != "entropy" or config.heads is not None:

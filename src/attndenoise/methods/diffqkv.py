@@ -7,8 +7,8 @@ One matrix ``W_D`` (d_model x d_model) per layer, identity at init, applied to t
 projection (row-vector convention: ``X W_D``):
 
 * DiffQ: ``Q2 = R((X W_D) W_Q)``; ``O' = O(Q1, K, V) - lambda O(Q2, K, V)`` (one fused call, keys shared).
-* DiffK: ``K2 = R((X W_D) W_K)``; ``O' = O(Q, K1, V) - lambda O(Q, K2, V)``; ``K2`` is stored in the KV cache next
-  to ``K`` (concatenated on the head-dim axis), never recomputed over the prefix.
+* DiffK: ``K2 = R((X W_D) W_K)``; ``O' = O(Q, K1, V) - lambda O(Q, K2, V)``; ``K2`` is stored in the KV cache beside
+  ``K`` (:func:`~attndenoise.methods.base.stack_second_keys`), never recomputed over the prefix.
 * DiffV: ``V' = X (I - lambda W_D) W_V``; one attention call, the changed ``V'`` is what gets cached; after training
   it merges into ``W_V``.
 
@@ -22,6 +22,7 @@ ones do, the LoRA gets gradients through them too, and ``merge_and_unload()`` le
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch import nn
 from .. import registry
 from ..config import MethodConfig
 from ..families import project, projection, rope
-from .base import Call, LayerContext, LayerInfo, MethodModule
+from .base import AttentionCall, LayerContext, LayerInfo, MethodModule, split_second_keys, stack_second_keys
 
 
 @dataclass
@@ -59,11 +60,14 @@ class DiffVConfig(MethodConfig):
     summary = "values from X (I - lambda W_D); one attention call, merges into W_V"
 
 
-class _InputTransform(MethodModule):
+C = TypeVar("C", bound=MethodConfig)
+
+
+class _InputTransform(MethodModule[C]):
     """Holds ``W_D`` (identity init) and lambda."""
 
-    def __init__(self, config: MethodConfig, info: LayerInfo) -> None:
-        super().__init__(config, info)
+    def __init__(self, config: C, info: LayerInfo, attn: nn.Module) -> None:
+        super().__init__(config, info, attn)
         self.weight = nn.Parameter(torch.eye(info.geometry.hidden_size))  # W_D
         self.lam = self.make_lambda(self.lambda_heads)
 
@@ -77,32 +81,42 @@ class _InputTransform(MethodModule):
         return torch.matmul(x, self.weight.to(x.dtype))
 
 
-class DiffQ(_InputTransform):
+class DiffQ(_InputTransform[DiffQConfig]):
     def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
         q2 = project(attn, self.transformed_input(ctx), "q")
-        ctx.extras["q2"] = rope(attn, q2, ctx.position_embeddings)
+        ctx.q2 = rope(attn, q2, ctx.position_embeddings)
 
-    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
-        return call.two_maps(query, key, ctx.extras["q2"], key, value, 1.0, -self.lam())
+    def attend(
+        self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
+        call: AttentionCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert ctx.q2 is not None, "prepare() sets ctx.q2"
+        return call.two_maps(query, key, ctx.q2, key, value, c1=1.0, c2=-self.lam())
 
 
-class DiffK(_InputTransform):
+class DiffK(_InputTransform[DiffKConfig]):
     caches_kv = True
 
     def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
         k2 = project(attn, self.transformed_input(ctx), "k")
-        ctx.extras["k2"] = rope(attn, k2, ctx.position_embeddings)
+        ctx.k2 = rope(attn, k2, ctx.position_embeddings)
 
-    def store(self, attn, key, value, ctx: LayerContext):  # type: ignore[no-untyped-def]
-        return torch.cat([key, ctx.extras["k2"].to(key.dtype)], dim=-1), value
+    def store(
+        self, attn: nn.Module, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return stack_second_keys(key, ctx), value
 
-    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
-        k1, k2 = key.chunk(2, dim=-1)
-        return call.two_maps(query, k1, query, k2, value, 1.0, -self.lam())
+    def attend(
+        self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
+        call: AttentionCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        k1, k2 = split_second_keys(key, ctx)
+        return call.two_maps(query, k1, query, k2, value, c1=1.0, c2=-self.lam())
 
 
-class DiffV(_InputTransform):
+class DiffV(_InputTransform[DiffVConfig]):
     caches_kv = True
+    mergeable = True
 
     @property
     def lambda_heads(self) -> int:
@@ -114,13 +128,19 @@ class DiffV(_InputTransform):
 
     def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
         # (X W_D) W_V without the bias: V' = V - lambda (X W_D) W_V
-        ctx.extras["dv"] = project(attn, self.transformed_input(ctx), "v", bias=False)
+        ctx.dv = project(attn, self.transformed_input(ctx), "v", bias=False)
 
-    def store(self, attn, key, value, ctx: LayerContext):  # type: ignore[no-untyped-def]
-        v = value.float() - self._lam_kv() * ctx.extras["dv"].float()
+    def store(
+        self, attn: nn.Module, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert ctx.dv is not None, "prepare() sets ctx.dv"
+        v = value.float() - self._lam_kv() * ctx.dv.float()
         return key, v.to(value.dtype)
 
-    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
+    def attend(
+        self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
+        call: AttentionCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return call.one_map(query, key, value)
 
     def merge_into(self, attn: nn.Module) -> None:

@@ -18,9 +18,10 @@ KV cache. While decoding, the running sum lives inside the KV cache (see the com
 
 Second map:
 
-* DINT: ``W_Q2``, ``W_K2`` are new projections initialised as copies of ``W_Q``, ``W_K`` (as in the DIFF retrofit,
-  :mod:`attndenoise.methods.diff`), so ``A2 = A1``, ``A3 V = cummean(O1)`` and with ``lambda(0) = 0`` the model is
-  unchanged at init. ``K2`` is cached next to ``K``.
+* DINT: ``W_Q2``, ``W_K2`` are new projections initialised as copies of ``W_Q``, ``W_K`` (as in the DIFF retrofit:
+  :class:`~attndenoise.methods.parts.SecondProjections`), so ``A2 = A1``, ``A3 V = cummean(O1)`` and with
+  ``lambda(0) = 0`` the model is unchanged at init. ``K2`` is cached beside ``K``
+  (:func:`~attndenoise.methods.base.stack_second_keys`).
 * Low-rank DINT: ``Q2 = X W_Q2_down W_Q2_up``, ``K2 = X W_K2_down W_K2_up``, with their *own* down/up pair for
   queries and for keys (``W_down`` d_model x r, ``W_up`` r x (heads d)). Rotated like ``Q1``/``K1`` by default
   (``rotary=False`` leaves them unrotated); no bias and no ``q_norm``/``k_norm``. ``W_down`` is drawn like a default
@@ -28,26 +29,26 @@ Second map:
   Temperature of ``A2``: ``temperature="d81"`` uses ``sqrt(d/81)``, i.e. scale ``9 s`` with ``s`` the layer's own
   scale; ``"sqrt_d"`` uses ``s``.
 
-Lambda: the common schedule, or DIFF's re-parameterisation (``lambda_reparam=True``, defined in
-:mod:`attndenoise.methods.diff`); either way ``lambda(0) = 0`` when ``anneal_steps > 0``.
+Lambda: the common schedule, or DIFF's re-parameterisation (``lambda_reparam=True``,
+:class:`~attndenoise.schedule.ReparamLambda`); either way ``lambda(0) = 0`` when ``anneal_steps > 0``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import attention as core
-from .. import registry
-from ..config import ConfigError, MethodConfig, _choice, positive
+from .. import attention, registry
+from ..config import ConfigError, MethodConfig, boolean, choice, positive
 from ..families import rope
-from .base import Call, LayerContext, LayerInfo, MethodModule
-from .diff import SecondProjections, _check_bool, make_lambda, stash_second_projections, two_outputs
+from ..schedule import LambdaSchedule
+from .base import AttentionCall, LayerContext, LayerInfo, MethodModule, split_second_keys, stack_second_keys
+from .parts import SecondProjections
 
 # -- the causal integral state in the value cache -------------------------------------------------------------------
 #
@@ -122,13 +123,6 @@ def write_state(value: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> None:
     value.detach()[:, :, -nq:, d : d + packed.shape[-1]].copy_(packed)
 
 
-def valid_rows(call: Call, nq: int, nk: int, device: torch.device) -> torch.Tensor | None:
-    """(B, 1, Nq, 1) float32: 1 for queries that see at least one key, 0 for left padding; ``None``: all valid."""
-    m, _ = core.resolve_mask(call.mask, nq, nk, call.causal, device)
-    rows = core._valid_rows(m)
-    return None if rows is None else rows.float()
-
-
 # -- configs -------------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +133,8 @@ class DINTConfig(MethodConfig):
     Attributes:
         causal_integral: ``True`` (default): ``A3`` = causal running row mean of ``A1`` (decoders);
             ``False``: the printed column mean repeated over rows (encoders; no KV-cache decoding).
-        lambda_reparam: DIFF's re-parameterised lambda in place of ``lambda_learn`` (see methods/diff.py).
+        lambda_reparam: DIFF's re-parameterised lambda in place of ``lambda_learn``
+            (:class:`~attndenoise.schedule.ReparamLambda`).
         lambda_std: standard deviation of the re-parameterisation vectors at init.
     """
 
@@ -152,8 +147,8 @@ class DINTConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_bool("causal_integral", self.causal_integral)
-        _check_bool("lambda_reparam", self.lambda_reparam)
+        boolean("causal_integral", self.causal_integral)
+        boolean("lambda_reparam", self.lambda_reparam)
         positive("lambda_std", self.lambda_std, allow_zero=True)
 
 
@@ -177,8 +172,8 @@ class LowRankDINTConfig(DINTConfig):
         super().validate()
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ConfigError(f"rank={self.rank!r}: must be an integer >= 1")
-        _choice("temperature", self.temperature, ("d81", "sqrt_d"))
-        _check_bool("rotary", self.rotary)
+        choice("temperature", self.temperature, ("d81", "sqrt_d"))
+        boolean("rotary", self.rotary)
 
 
 # -- modules -------------------------------------------------------------------------------------------------------
@@ -187,32 +182,21 @@ class LowRankDINTConfig(DINTConfig):
 _DYNAMIC_CACHES = ("DynamicCache", "DynamicLayer", "DynamicSlidingWindowLayer")
 
 
-class DINT(MethodModule):
-    """``lambda A3 V + O1 - lambda O2`` with the second map from copies of ``W_Q``/``W_K``."""
+D = TypeVar("D", bound=DINTConfig)
+
+
+class _Integral(MethodModule[D]):
+    """What DINT and low-rank DINT share: ``lambda A3 V + O1 - lambda O2`` and the decoding state. A subclass
+    builds its second map (``__init__``, :meth:`second_qk`, :meth:`scaling2`) and ``self.lam``."""
 
     caches_kv = True
-    #: whether the second map starts from copies of the stock W_Q/W_K (low-rank DINT has its own factors)
-    copies_qk: ClassVar[bool] = True
-
-    def __init__(self, config: DINTConfig, info: LayerInfo) -> None:
-        super().__init__(config, info)
-        self.init_second_map(config, info)
-        self.lam = make_lambda(self, info.geometry.num_heads)
-
-    def init_second_map(self, config: DINTConfig, info: LayerInfo) -> None:
-        self.proj2 = SecondProjections(config, info)
-
-    @classmethod
-    def calibrate(cls, model: nn.Module, config: MethodConfig, **kwargs: Any) -> MethodConfig:
-        """Copy ``W_Q``/``W_K`` of the stock model for the second projections (as the DIFF retrofit does)."""
-        super().calibrate(model, config, **kwargs)
-        return stash_second_projections(model, config) if cls.copies_qk else config
+    lam: LambdaSchedule
 
     def second_qk(self, attn: nn.Module, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated ``Q2 (B, h, N, d)``, ``K2 (B, h_kv, N, d)`` of the new tokens."""
-        return self.proj2(attn, ctx.hidden_states, ctx.position_embeddings)  # type: ignore[no-any-return]
+        raise NotImplementedError
 
-    def scaling2(self, call: Call, d: int) -> float | None:
+    def scaling2(self, call: AttentionCall, d: int) -> float | None:
         """Scale of ``A2`` (``None``: the layer's own)."""
         return None
 
@@ -234,47 +218,53 @@ class DINT(MethodModule):
             )
 
     def prepare(self, attn: nn.Module, ctx: LayerContext) -> None:
-        ctx.extras["q2"], ctx.extras["k2"] = self.second_qk(attn, ctx)
+        ctx.q2, ctx.k2 = self.second_qk(attn, ctx)
 
-    def store(self, attn, key, value, ctx: LayerContext):  # type: ignore[no-untyped-def]
-        if not ctx.cached:  # training / no cache: attend reads K2 from ctx and keeps no state
+    def store(
+        self, attn: nn.Module, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = stack_second_keys(key, ctx)
+        if not ctx.has_cache:  # training / no cache: no decoding state to keep
             return key, value
         g = self.info.geometry
         extra = state_channels(g.num_heads, g.num_kv_heads, value.shape[-1], value.dtype)
         holder = value.new_zeros(*value.shape[:-1], extra)  # filled by attend once O1 is known
-        return torch.cat([key, ctx.extras["k2"].to(key.dtype)], dim=-1), torch.cat([value, holder], dim=-1)
+        return key, torch.cat([value, holder], dim=-1)
 
     # -- attention ---------------------------------------------------------------------------------------------
-    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
+    def attend(
+        self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
+        call: AttentionCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert ctx.q2 is not None, "prepare() sets ctx.q2"
         b, h, nq, d = query.shape
         nk = key.shape[-2]
-        if ctx.cached:
-            k1, k2 = key.chunk(2, dim=-1)
+        k1, k2 = split_second_keys(key, ctx)
+        v = value
+        if ctx.has_cache:
             v = value[..., :d]
             if torch.is_grad_enabled():
                 v = v.clone()  # the state write below bumps the cache's version counter; keep V saved intact
-        else:
-            k1, k2, v = key, ctx.extras["k2"].to(key.dtype), value
-        o1, o2, p1, p2 = two_outputs(call, query, k1, ctx.extras["q2"].to(query.dtype), k2, v, self.scaling2(call, d))
-        valid = valid_rows(call, nq, nk, query.device)
+        o1, o2, p1, p2 = call.two_map_parts(query, k1, ctx.q2.to(query.dtype), k2, v, scaling2=self.scaling2(call, d))
+        valid = call.valid_rows(nq, nk, query.device)
         lam = self.lam()
         o1f = o1.float()
         weighted = o1f if valid is None else o1f * valid
         ones = torch.ones(1, 1, nq, 1, device=query.device) if valid is None else valid
         pmap = None
-        if self.config.causal_integral:  # type: ignore[attr-defined]
+        if self.config.causal_integral:
             s, c = weighted.cumsum(dim=-2), ones.cumsum(dim=-2)
-            prev = read_state(value, nq, h, d) if ctx.cached else None
+            prev = read_state(value, nq, h, d) if ctx.has_cache else None
             if prev is not None:
                 s, c = s + prev[0], c + prev[1]
-            if ctx.cached:
+            if ctx.has_cache:
                 write_state(value, s, c)
             integral = s / c.clamp(min=1.0)
             if p1 is not None and p2 is not None and prev is None:
                 a3 = (p1 * ones).cumsum(dim=-2) / c.clamp(min=1.0)
                 pmap = self._combined_map(lam, a3, p1, p2)
         else:
-            if ctx.cached and nk > nq:
+            if ctx.has_cache and nk > nq:
                 raise ValueError(
                     "causal_integral=False (the printed, non-causal A3) averages over the whole sequence, so it "
                     "cannot decode token by token with a KV cache; use causal_integral=True for generation"
@@ -284,23 +274,34 @@ class DINT(MethodModule):
             if p1 is not None and p2 is not None:
                 a3 = ((p1 * ones).sum(dim=-2, keepdim=True) / count).expand_as(p1)
                 pmap = self._combined_map(lam, a3, p1, p2)
-        out = core.combine([(lam, integral), (1.0, o1f), (-lam, o2)], v.dtype)
+        out = attention.combine([(lam, integral), (1.0, o1f), (-lam, o2)], v.dtype)
         return out, pmap
 
     @staticmethod
     def _combined_map(lam: torch.Tensor, a3: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
         """``lambda A3 + A1 - lambda A2`` (reference path; with a cached past the rows of A3 are unknown: None)."""
-        lh = core.per_head(lam, p1)
+        lh = attention.per_head(lam, p1)
         return lh * a3 + p1 - lh * p2
 
 
-class LowRankDINT(DINT):
+class DINT(_Integral[DINTConfig]):
+    """``lambda A3 V + O1 - lambda O2`` with the second map from copies of ``W_Q``/``W_K``."""
+
+    def __init__(self, config: DINTConfig, info: LayerInfo, attn: nn.Module) -> None:
+        super().__init__(config, info, attn)
+        self.proj2 = SecondProjections(attn)
+        self.lam = self.make_lambda(reparam_std=config.lambda_std if config.lambda_reparam else None)
+
+    def second_qk(self, attn: nn.Module, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        q2, k2 = self.proj2(attn, ctx.hidden_states, ctx.position_embeddings)
+        return q2, k2
+
+
+class LowRankDINT(_Integral[LowRankDINTConfig]):
     """DINT with ``Q2 = X W_down W_up``, ``K2 = X W_down W_up`` (separate pairs for queries and keys)."""
 
-    copies_qk = False
-
-    def init_second_map(self, config: DINTConfig, info: LayerInfo) -> None:
-        assert isinstance(config, LowRankDINTConfig)
+    def __init__(self, config: LowRankDINTConfig, info: LayerInfo, attn: nn.Module) -> None:
+        super().__init__(config, info, attn)
         g = info.geometry
         r, dm = config.rank, g.hidden_size
         bound = 1.0 / math.sqrt(dm)
@@ -308,6 +309,7 @@ class LowRankDINT(DINT):
         self.q_up = nn.Parameter(torch.zeros(g.num_heads * g.head_dim, r))
         self.k_down = nn.Parameter(torch.empty(r, dm).uniform_(-bound, bound))
         self.k_up = nn.Parameter(torch.zeros(g.num_kv_heads * g.head_dim, r))
+        self.lam = self.make_lambda(reparam_std=config.lambda_std if config.lambda_reparam else None)
 
     def second_qk(self, attn: nn.Module, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
         x = ctx.hidden_states
@@ -318,12 +320,12 @@ class LowRankDINT(DINT):
             return y.view(*x.shape[:-1], -1, d).transpose(1, 2)
 
         q2, k2 = low_rank(self.q_down, self.q_up), low_rank(self.k_down, self.k_up)
-        if self.config.rotary:  # type: ignore[attr-defined]
+        if self.config.rotary:
             q2, k2 = rope(attn, q2, ctx.position_embeddings), rope(attn, k2, ctx.position_embeddings)
         return q2, k2
 
-    def scaling2(self, call: Call, d: int) -> float | None:
-        if self.config.temperature == "sqrt_d":  # type: ignore[attr-defined]
+    def scaling2(self, call: AttentionCall, d: int) -> float | None:
+        if self.config.temperature == "sqrt_d":
             return None
         s = call.scaling if call.scaling is not None else d**-0.5
         return 9.0 * s  # 1/sqrt(d/81) = 9/sqrt(d)

@@ -46,10 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import attention as core
 from .. import registry
-from ..config import ConfigError, MethodConfig, _choice, positive
-from .base import Call, LayerContext, LayerInfo, MethodModule
+from ..config import ConfigError, MethodConfig, boolean, choice, positive
+from .base import AttentionCall, LayerContext, LayerInfo, MethodModule
 
 KEY_ADAPTERS = ("kv_heads", "repeated")
 
@@ -92,9 +91,8 @@ class OpAmpConfig(MethodConfig):
         if self.adapter_dropout >= 1:
             raise ConfigError(f"adapter_dropout={self.adapter_dropout!r}: must be in [0, 1)")
         positive("cmrr", self.cmrr, allow_zero=True)
-        _choice("key_adapters", self.key_adapters, KEY_ADAPTERS)
-        if not isinstance(self.cache_adapted_keys, bool):
-            raise ConfigError(f"cache_adapted_keys={self.cache_adapted_keys!r}: must be true or false")
+        choice("key_adapters", self.key_adapters, KEY_ADAPTERS)
+        boolean("cache_adapted_keys", self.cache_adapted_keys)
 
 
 class Adapter(nn.Module):
@@ -129,14 +127,14 @@ class Adapter(nn.Module):
         return f"scaling={self.scaling}, dropout={self.dropout}"
 
 
-class OpAmp(MethodModule):
+class OpAmp(MethodModule[OpAmpConfig]):
     """Two adapted query/key pairs and the OpAmp combination ``(K + 1/2) O1 - (K - 1/2) O2``."""
 
     # K1, K2 replace K in the cache (or, benchmark-only, K is kept and the adapters re-run).
     caches_kv = True
 
-    def __init__(self, config: OpAmpConfig, info: LayerInfo) -> None:
-        super().__init__(config, info)
+    def __init__(self, config: OpAmpConfig, info: LayerInfo, attn: nn.Module) -> None:
+        super().__init__(config, info, attn)
         g = info.geometry
         q_size = g.num_heads * g.head_dim
         self.groups = g.num_heads // g.num_kv_heads if config.key_adapters == "repeated" else 1
@@ -160,31 +158,30 @@ class OpAmp(MethodModule):
             key = key.repeat_interleave(self.groups, dim=1)  # the authors' repeat_kv, Qwen2 layout
         return self.k1_adapter.on_heads(key, training), self.k2_adapter.on_heads(key, training)
 
-    def store(self, attn, key, value, ctx: LayerContext):  # type: ignore[no-untyped-def]
-        if not self.config.cache_adapted_keys:  # type: ignore[attr-defined]
+    def store(
+        self, attn: nn.Module, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # K1, K2 replace K (base.py: they are computed from K here, so they are cached with or without a cache)
+        if not self.config.cache_adapted_keys:
             return key, value
         k1, k2 = self.adapted_keys(key, attn.training)
         return torch.cat([k1, k2], dim=-1), value
 
-    def attend(self, attn, query, key, value, ctx: LayerContext, call: Call):  # type: ignore[no-untyped-def]
-        if self.config.cache_adapted_keys:  # type: ignore[attr-defined]
+    def attend(
+        self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
+        call: AttentionCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.config.cache_adapted_keys:
             k1, k2 = key.chunk(2, dim=-1)
         else:
             k1, k2 = self.adapted_keys(key, attn.training)
         q1, q2 = self.q1_adapter.on_heads(query, attn.training), self.q2_adapter.on_heads(query, attn.training)
-        if call.eager or call.softcap is not None:
-            kw = dict(mask=call.mask, scaling=call.scaling, causal=call.causal, softcap=call.softcap)
-            p1, p2 = core.probs(q1, k1, **kw), core.probs(q2, k2, **kw)  # type: ignore[arg-type]
-            pmap = p2 + self.gain * (p1 - p2)  # M = K (A1 - A2) + (A1 + A2) / 2
-            return core.apply_probs(pmap, value, call.dropout).to(value.dtype), pmap
-        v = value
-        if k1.shape[1] != value.shape[1]:  # "repeated" keys have h heads: SDPA's GQA wants K and V alike
-            v = value.repeat_interleave(k1.shape[1] // value.shape[1], dim=1)
-        kw2 = dict(mask=call.mask, scaling=call.scaling, dropout=call.dropout, causal=call.causal)
-        o1 = core.sdpa(q1, k1, v, **kw2).float()  # type: ignore[arg-type]
-        o2 = core.sdpa(q2, k2, v, **kw2).float()  # type: ignore[arg-type]
-        # (K + 1/2) O1 - (K - 1/2) O2 in float32, written so that O1 == O2 gives O2 exactly (identity at init)
-        return (o2 + self.gain * (o1 - o2)).to(value.dtype), None
+        return call.mixed_maps(q1, k1, q2, k2, value, mix=self.mix)
+
+    def mix(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """``M = K (A1 - A2) + (A1 + A2) / 2 = (K + 1/2) A1 - (K - 1/2) A2`` (or the same of the outputs), written
+        ``X2 + (K + 1/2)(X1 - X2)`` so that ``X1 == X2`` gives ``X2`` exactly (identity at init)."""
+        return x2 + self.gain * (x1 - x2)
 
     def extra_repr(self) -> str:
         return f"layer={self.info.index}, cmrr={self.cmrr}"

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import registry
-from ..config import ConfigError, MethodConfig, _choice, positive
-from .base import Call, LayerContext, MethodModule
+from ..config import ConfigError, MethodConfig, boolean, choice, positive
+from .base import AttentionCall, LayerContext, MethodModule
 
 #: redistribution weights of a surviving / an eliminated target key (the authors' 20:1 split)
 SURVIVOR_WEIGHT = 100.0
@@ -121,14 +121,13 @@ class SRAConfig(MethodConfig):
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"{name}={v!r}: must be an integer >= {low}")
         for name in ("dynamic_t", "inter", "outer"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
+            boolean(name, getattr(self, name))
         if not (self.inter or self.outer):
             raise ConfigError("inter=False and outer=False: SRA would do nothing; enable at least one rule")
         positive("dynamic_div", self.dynamic_div)
         for name in ("alpha_inter", "alpha_outer", "strengthen_inter", "strengthen_outer"):
             positive(name, getattr(self, name), allow_zero=True)
-        _choice("short_prompt", self.short_prompt, SHORT_PROMPT_CHOICES)
+        choice("short_prompt", self.short_prompt, SHORT_PROMPT_CHOICES)
 
     def trailing(self, n: int) -> int:
         """``t`` for a prompt of ``n`` valid tokens."""
@@ -283,18 +282,18 @@ def _valid_spans(mask: torch.Tensor | None, batch: int, nk: int) -> list[tuple[i
     return spans
 
 
-class SRA(MethodModule):
+class SRA(MethodModule[SRAConfig]):
     """Stock fused attention, then the SRA edit of this layer's row blocks, recomputed explicitly."""
 
     @property
     def edits(self) -> bool:
         """Whether this layer can edit at all (not the last layer, and a rule that runs here)."""
         c, i, L = self.config, self.info.index, self.info.num_layers
-        return i < L - 1 and (c.inter or (c.outer and i >= 1))  # type: ignore[attr-defined]
+        return i < L - 1 and (c.inter or (c.outer and i >= 1))
 
-    def attend(  # type: ignore[override]
+    def attend(
         self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: LayerContext,
-        call: Call,
+        call: AttentionCall,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stock output, with the rows this layer's rule selects re-computed from edited probabilities.
 
@@ -325,7 +324,7 @@ class SRA(MethodModule):
         nq, nk = query.shape[-2], key.shape[-2]
         if nq == 1 or nq != nk or not self.edits:  # decoding / cached chunk / last layer: stock (prefill only)
             return out, pmap
-        cfg: SRAConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         mask = call.mask
         if mask is not None and mask.dtype == torch.bool and mask.shape[-1] != nk:
             mask = mask[..., :nk]
@@ -349,7 +348,7 @@ class SRA(MethodModule):
 
     def _edit_example(
         self, b: int, start: int, segments: list[Segment], query: torch.Tensor, key: torch.Tensor,
-        value: torch.Tensor, mask: torch.Tensor | None, call: Call, out: torch.Tensor,
+        value: torch.Tensor, mask: torch.Tensor | None, call: AttentionCall, out: torch.Tensor,
         pmap: torch.Tensor | None, map_out: torch.Tensor | None,
     ) -> None:
         h, hkv, nk = query.shape[1], key.shape[1], key.shape[-2]
@@ -357,7 +356,7 @@ class SRA(MethodModule):
         k = key[b].float()  # (Hkv, Nk, D), GQA-native: never repeated
         v = value[b].float()
         scale = call.scaling if call.scaling is not None else query.shape[-1] ** -0.5
-        step = max(1, self.config.max_block_elements // (h * nk))  # type: ignore[attr-defined]
+        step = max(1, self.config.max_block_elements // (h * nk))
         # the explicit rows are fresh tensors: edit them in place unless autograd needs them
         inplace = pmap is None and not (
             torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
