@@ -124,6 +124,39 @@ def test_validation_score_is_the_models_own_answer_loss(finished: tuple[StudyCon
     assert sel["learning_rate"]["attention"] == min(att, key=att.get)
 
 
+def test_attention_to_gold_equals_the_stock_eager_maps(finished: tuple[StudyConfig, list[str]],
+                                                       tiny_folder: Path) -> None:
+    """The stored share of the last prompt position's attention on the gold passage (top layers, mean over heads)
+    against transformers' own eager attention probabilities of the full forward, for the base and a trained row
+    whose attention is the stock one (``none``: its projections trained)."""
+    cfg, _ = finished
+    out = Path(cfg.out)
+    saved = json.loads((out / "eval" / "attention.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    records = read_multidoc_qa(Path(cfg.data))
+    test = split_records(records, "test")[: cfg.n]
+    ex = multidoc_examples(test, 9, "hard", gold_position="middle", seed=0,
+                           pool=PassagePool.from_records(records))[: cfg.attention_n]
+    sel = json.loads((out / "selection.json").read_text())
+    run = out / "runs" / f"none-s0-lr{sel['learning_rate']['attention']:g}"
+    for key, model in [("base", None), ("none@0", run)]:
+        stock = AutoModelForCausalLM.from_pretrained(tiny_folder, attn_implementation="eager").eval()
+        m = stock if model is None else load_trained(stock, model).eval()
+        shares = []
+        for e in ex:
+            enc = encode_for_training(e, tok, fmt=LITM_FORMAT)
+            ids = enc.input_ids[: enc.prompt_length]
+            gold = torch.zeros(len(ids), dtype=torch.bool)
+            for a, b in enc.gold_spans:
+                gold[a:b] = True
+            with torch.no_grad():
+                att = m(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+            top = att[-cfg.top_layers:]  # the trained (top) layers
+            shares.append([float(a[0, :, -1, gold].sum(-1).mean()) for a in top])
+        want = sum(sum(p) / len(p) for p in shares) / len(shares)
+        assert saved[key]["result"]["mean_gold"] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+
+
 def test_resume_trains_and_answers_nothing_new_and_a_new_row_is_answered_alone(
         finished: tuple[StudyConfig, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, first_logs = finished

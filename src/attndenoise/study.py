@@ -438,7 +438,7 @@ class Study:
         return out
 
     @torch.no_grad()
-    def attention_to_gold(self, models: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    def attention_to_gold(self, models: dict[str, nn.Module], include_base: bool = True) -> dict[str, dict[str, Any]]:
         """Share of the last prompt position's attention on the gold passage in each trained layer, mean over
         heads and the first ``attention_n`` prompts with 9 hard distractors, the gold in the middle."""
         from .data.formatting import encode_for_training
@@ -455,7 +455,7 @@ class Study:
         hidden = (cached_hidden(self.split, prompts, self.signature) if self.split is not None
                   else [None] * len(prompts))
         out: dict[str, dict[str, Any]] = {}
-        for name, model in {BASE: self.base, **models}.items():
+        for name, model in {**({BASE: self.base} if include_base else {}), **models}.items():
             layers = attention_layers(model)[self.first:]
             per: list[list[float]] = []
             uniform: list[float] = []
@@ -487,14 +487,35 @@ class Study:
                          "uniform_gold": sum(uniform) / len(uniform), "n": len(per)}
         return out
 
-    def needle(self, models: dict[str, nn.Module]) -> dict[str, float]:
+    def cached_per_model(self, kind: str, models: dict[str, nn.Module], digests: dict[str, str],
+                         measure: Callable[..., dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+        """``measure`` (:meth:`attention_to_gold` or :meth:`needle`) of the base and ``models``, each model measured
+        once: results are kept in ``eval/<kind>.json`` under the model's run digest and ``settings``, so a resumed
+        or grown study measures only the models it has not measured with these settings."""
+        path = self.out / "eval" / f"{kind}.json"
+        saved: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        everything = {BASE: self.base, **models}
+
+        def fresh(name: str) -> bool:
+            entry = saved.get(name, {})
+            return entry.get("digest") == digests[name] and entry.get("settings") == settings
+
+        todo = {k: m for k, m in everything.items() if not fresh(k)}
+        if todo:
+            got = measure({k: m for k, m in todo.items() if k != BASE}, include_base=BASE in todo)
+            for k, v in got.items():
+                saved[k] = {"digest": digests[k], "settings": settings, "result": v}
+            _write_json(path, saved)
+        return {k: saved[k]["result"] for k in everything if k in saved}
+
+    def needle(self, models: dict[str, nn.Module], include_base: bool = True) -> dict[str, float]:
         """Pass-key exact match per model (forgetting: the training data has no pass-key examples)."""
         from .evaluate import evaluate_needle
 
         if not self.cfg.needle_n:
             return {}
         out = {}
-        for name, model in {BASE: self.base, **models}.items():
+        for name, model in {**({BASE: self.base} if include_base else {}), **models}.items():
             cells = evaluate_needle(model, self.tok, context_lengths=(self.cfg.needle_length,),
                                     depths=(0.25, 0.75), n=self.cfg.needle_n, batch_size=4)
             # best-subspan EM: a chat model answers "The pass key is 95499." (EM 0, the key retrieved)
@@ -549,10 +570,12 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     study.timings["test answers (this call)"] = time.perf_counter() - start
     answers = study.collect({BASE: study.base, **models}, digests)
     start = time.perf_counter()
-    attention = study.attention_to_gold(models)
+    attention = study.cached_per_model("attention", models, digests, study.attention_to_gold,
+                                       {"n": cfg.attention_n, "settings": "k9-middle"})
     study.timings["attention to gold"] = time.perf_counter() - start
     start = time.perf_counter()
-    needle = study.needle(models)
+    needle = study.cached_per_model("needle", models, digests, study.needle,
+                                    {"n": cfg.needle_n, "length": cfg.needle_length})
     study.timings["needle"] = time.perf_counter() - start
     params, train_seconds = {}, {}
     for key, d in runs.items():
