@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .stats import paired_bootstrap, seed_verdict
-from .study import BASE, mean_sd, parse_row
+from .study import BASE, StudyConfig, mean_sd, parse_row
 
 #: the accuracy curve: distractors -> the settings averaged for it (9: the gold first, middle and last)
 CURVE: dict[int, tuple[str, ...]] = {0: ("k0",), 4: ("k4",), 9: ("k9-first", "k9-middle", "k9-last"), 19: ("k19",)}
@@ -249,7 +249,8 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
         lines.append(f"| {label} | {' | '.join(cells)} |")
     lines += [""]
     lines += ["## Gold position (9 hard distractors)", "", "| row | first | middle | last |", "|---|---|---|---|",
-              "| base | " + " | ".join(f"{scores[BASE].get(p, float('nan')):.1f}" for p in POSITIONS) + " |"]
+              "| base | " + " | ".join(f"{scores[BASE][p]:.1f}" if p in scores[BASE] else "-" for p in POSITIONS)
+              + " |"]
     for label in rows:
         cells = [_fmt(by_row(scores, [label], seeds, lambda s, p=p: s.get(p))[label]) for p in POSITIONS]
         lines.append(f"| {label} | {' | '.join(cells)} |")
@@ -257,7 +258,9 @@ def write_study_report(out: Path, answers: Mapping[str, Sequence[Mapping[str, An
     lines += ["## Reproduce", "", "```", "attndenoise study --data " + cfg["data"] + f" --out {out}"
               + ("" if list(cfg["seeds"]) == [0, 1] else f" --seeds {','.join(map(str, seeds))}")
               + ("" if at9 == ["first", "middle", "last"] else f" --positions {','.join(at9)}")
-              + f" --n {cfg['n']} --steps {cfg['steps']} --top-layers {cfg['top_layers']}", "```", ""]
+              + f" --n {cfg['n']} --steps {cfg['steps']} --top-layers {cfg['top_layers']}"
+              + ("" if cfg["attention_n"] == StudyConfig.attention_n else f" --attention-n {cfg['attention_n']}"),
+              "```", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(
         {"meta": meta, "scores": scores, "exact_match": em, "attention": attention, "needle": needle}, indent=1,
