@@ -435,9 +435,13 @@ def test_tokenizer_round_trip(tok: PreTrainedTokenizerFast, tmp_path: Path) -> N
     assert loaded.decode(ids, skip_special_tokens=True) == "Where does Kalo Orlan live?"
 
 
-def test_normalize_answer() -> None:
-    assert normalize_answer("7 3 9 1 4") == normalize_answer("73914.") == "73914"
-    assert normalize_answer("  Dovra ") == "dovra"
+def test_normalize_answer_is_a_deprecated_name_of_the_one_normaliser() -> None:
+    from attndenoise.evaluate import normalize_text
+
+    with pytest.warns(DeprecationWarning, match="use attndenoise.evaluate.normalize_text"):
+        assert normalize_answer("7 3 9 1 4") == normalize_answer("73914.") == "73914"
+    with pytest.warns(DeprecationWarning):
+        assert normalize_answer("  Dovra ") == normalize_text("  Dovra ") == "dovra"
 
 
 def test_collate_pads(tok: PreTrainedTokenizerFast) -> None:

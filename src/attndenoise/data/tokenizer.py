@@ -4,12 +4,12 @@ Text is split on whitespace, then punctuation marks and digits become tokens of 
 covers the synthetic tasks and the default prompt format (``Document [12]: ...``) without an unknown token, and
 a pass key is read digit by digit. ``<s>`` is prepended to every encoded text (TemplateProcessing); ``</s>`` ends an
 answer. Decoding joins tokens with spaces and then removes the space before punctuation, so a synthetic sentence
-round-trips exactly except for numbers, whose digits come back space-separated (``normalize_answer`` joins them).
+round-trips exactly except for numbers, whose digits come back space-separated (``attndenoise.evaluate.normalize_text``
+joins them).
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import cache
@@ -77,18 +77,19 @@ def build_tokenizer(vocabulary: Iterable[str], *, model_max_length: int = 2048) 
     )
 
 
-_DIGIT_GAP = re.compile(r"(?<=\d) (?=\d)")
-_PUNCT = re.compile(r"[^\w\s]")
 
 
 def normalize_answer(text: str) -> str:
-    """Text for exact-match comparison: lower case, punctuation dropped, digit runs joined, single spaces.
-
-    ``"7 3 9 1 4"`` (how the word-level tokenizer decodes a pass key) and ``"73914."`` both become ``"73914"``.
+    """Deprecated: :func:`attndenoise.evaluate.normalize_text`, the one answer normaliser of the synthetic tasks
+    (SQuAD's rule, with the digits a word-level tokenizer decodes apart joined again: ``"7 3 9 1 4"`` -> ``"73914"``).
     """
-    text = _PUNCT.sub(" ", text.lower())
-    text = " ".join(text.split())
-    return _DIGIT_GAP.sub("", text)
+    import warnings
+
+    from ..evaluate import normalize_text  # lazily: evaluation code imports this module
+
+    warnings.warn("attndenoise.data.normalize_answer is deprecated: use attndenoise.evaluate.normalize_text",
+                  DeprecationWarning, stacklevel=2)
+    return normalize_text(text)
 
 
 #: share of unknown tokens above which :func:`warn_unknown_tokens` warns
