@@ -18,7 +18,7 @@ from attndenoise.cli import app
 from attndenoise.data.formatting import encode_for_training
 from attndenoise.data.retrieval import LITM_FORMAT, PassagePool, multidoc_examples, read_multidoc_qa, split_records
 from attndenoise.evaluate import answer_text, eos_token_ids
-from attndenoise.study import StudyConfig, StudyError, parse_row, run_study
+from attndenoise.study import StudyConfig, StudyError, expand_rows, parse_row, run_study
 from attndenoise.study_report import verdict
 from attndenoise.train import load_trained
 
@@ -207,6 +207,16 @@ def test_parse_row_and_errors() -> None:
     for bad in ("sra+attn", "daa+x", "nope", "lora~sra"):
         with pytest.raises(StudyError, match="accepted"):
             parse_row(bad)
+
+
+def test_named_row_sets() -> None:
+    assert expand_rows(["default"]) == ("none", "lora", "daa+attn", "diff+attn", "dint+attn", "opamp+lora")
+    papers = expand_rows(["papers"])
+    assert len(papers) == 11 and papers[-1] == "opamp+lora" and "lowrank_dint+attn" in papers
+    assert expand_rows(["daa", "default", "daa"]) == ("daa", "none", "lora", "daa+attn", "diff+attn", "dint+attn",
+                                                       "opamp+lora")
+    full = expand_rows(["full"])
+    assert set(papers) <= set(full) and "lora~daa" in full and "daa+lora" in full
 
 
 def test_verdict_hand_cases() -> None:

@@ -58,7 +58,7 @@ from .plots import plot_attention_to_gold, plot_needle, plot_protocol_bars
 from .progress import eta_seconds, format_seconds
 from .registry import inference_methods, trainable_methods
 from .stats import mean_sd, seed_verdict
-from .study import DEFAULT_ROWS, Row, full_rows, parse_row
+from .study import PAPER_ROWS, Row, full_rows, parse_row
 from .tiny import tiny_model_path
 from .train import BASELINES, RUN_FILE, TrainConfig, load_trained, matched_lora_rank, train
 
@@ -75,9 +75,9 @@ _ORDER = tuple(PROTOCOLS)
 
 
 def paper_row(method: str) -> str:
-    """The row of ``method`` in the protocol its paper used (:data:`attndenoise.study.DEFAULT_ROWS`: OpAmp with
+    """The row of ``method`` in the protocol its paper used (:data:`attndenoise.study.PAPER_ROWS`: OpAmp with
     LoRA, the differential methods with the attention projections); ``<method>+attn`` for a method not listed there."""
-    for label in DEFAULT_ROWS:
+    for label in PAPER_ROWS:
         row = parse_row(label)
         if row.baseline is not None and row.method == method:
             return label

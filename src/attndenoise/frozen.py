@@ -259,7 +259,8 @@ def prefill_rows(
     base_cache = DynamicCache(config=base.config)  # type: ignore[arg-type]
     handle = split.layers[first].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        base(input_ids=input_ids, past_key_values=base_cache, use_cache=True)
+        # logits of the last position only: the full (tokens x vocabulary) logits cost more than the top layers
+        base(input_ids=input_ids, past_key_values=base_cache, use_cache=True, logits_to_keep=1)
     finally:
         handle.remove()
     hidden = seen[0]
@@ -267,7 +268,7 @@ def prefill_rows(
     for name, row in rows.items():
         cache = DynamicCache(config=row.config)  # type: ignore[arg-type]
         with FrozenPrefix(row, first).replay(hidden):
-            row(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            row(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         for i in range(first):
             cache.layers[i] = copy.copy(base_cache.layers[i])  # shallow: the tensors are shared, never written
         out[name] = cache

@@ -25,8 +25,9 @@ def study_command(
         "study-out"),
     rows: Annotated[str | None, typer.Option(
         help="comma-separated rows: none, lora, <method>+attn, <method>+lora, <method> (alone), lora~<method> "
-             "(a LoRA of about the method's parameter count); default: each method in its paper's protocol and "
-             "the two baselines")] = None,
+             "(a LoRA of about the method's parameter count), or a named set: default (none, lora, daa+attn, "
+             "diff+attn, dint+attn, opamp+lora: one method of each paper in its protocol), papers (every method "
+             "in its paper's protocol), full (every method in every protocol)")] = None,
     full: Annotated[bool, typer.Option("--full", help="every method in every protocol, 3 seeds, all layers "
                                                       "(a GPU's worth of work)")] = False,
     seeds: Annotated[str, typer.Option(help="training seeds")] = "0,1",
@@ -53,11 +54,11 @@ def study_command(
 
     Example: attndenoise study --data nq-open-oracle.jsonl.gz --out docs/real/study
     """
-    from ..study import DEFAULT_ROWS, StudyConfig, StudyError, full_rows, run_study
+    from ..study import DEFAULT_ROWS, StudyConfig, StudyError, expand_rows, full_rows, run_study
 
     if dtype not in ("float32", "bfloat16"):
         fail(f"--dtype {dtype}: choose float32 or bfloat16")
-    chosen_rows = tuple(r.strip() for r in rows.split(",") if r.strip()) if rows else (
+    chosen_rows = expand_rows([r.strip() for r in rows.split(",") if r.strip()]) if rows else (
         full_rows() if full else DEFAULT_ROWS)
     seed_list = int_list(seeds, "--seeds")
     at9 = [p.strip() for p in positions.split(",") if p.strip()]
