@@ -58,12 +58,18 @@ def row_name(lab: str) -> str:
     return lab + (" (2 maps)" if lab in B.TWO_MAP else "")
 
 
-def table(times: dict[int, dict[str, list[float]]], mem: dict[int, dict[str, float]], lengths: list[int],
-          mem_lengths: list[int], labels: list[str]) -> str:
+MemKey = tuple[int, str]  # (length, allocator)
+
+
+def table(times: dict[int, dict[str, list[float]]], mem: dict[MemKey, dict[str, float]], lengths: list[int],
+          mem_keys: list[MemKey], labels: list[str]) -> str:
+    several = len({a for _, a in mem_keys}) > 1
     head = "| method | " + " | ".join(
         f"time/stock @{n} | time/(stock x2) @{n}" for n in lengths
-    ) + "".join(f" | peak mem/stock @{n}" for n in mem_lengths) + " | targets met |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(lengths) + len(mem_lengths))]
+    ) + "".join(f" | peak mem/stock @{n}{f' ({a})' if several else ''}" for n, a in mem_keys) + " | targets met |"
+    if not lengths:
+        head = head.replace("| method |  |", "| method |")
+    lines = [head, "|" + "---|" * (2 + 2 * len(lengths) + len(mem_keys))]
     for lab in labels:
         held = lab not in B.REFERENCES and lab not in B.PEERS
         cells, ok = [], []
@@ -74,14 +80,14 @@ def table(times: dict[int, dict[str, list[float]]], mem: dict[int, dict[str, flo
             cells += [f"{r1:.2f}", B.fmt_ratio(r2, limit_t)]
             if limit_t is not None:
                 ok.append(r2 <= limit_t)
-        for n in mem_lengths:
-            limit_m = MEM_LIMIT if n == MEM_TARGET_LENGTH and held else None
-            if lab not in mem[n] or "stock" not in mem[n]:
-                cells.append("failed" if lab not in mem[n] else "n/a (stock failed)")
+        for key in mem_keys:
+            limit_m = MEM_LIMIT if key[0] == MEM_TARGET_LENGTH and held else None
+            if lab not in mem[key] or "stock" not in mem[key]:
+                cells.append("failed" if lab not in mem[key] else "n/a (stock failed)")
                 if limit_m is not None:
                     ok.append(False)
                 continue
-            rm = mem[n][lab] / mem[n]["stock"]
+            rm = mem[key][lab] / mem[key]["stock"]
             cells.append(B.fmt_ratio(rm, limit_m))
             if limit_m is not None:
                 ok.append(rm <= limit_m)
@@ -92,9 +98,9 @@ def table(times: dict[int, dict[str, list[float]]], mem: dict[int, dict[str, flo
         f"(stock x2 {statistics.median(times[n]['stock x2']) * 1000:.0f} ms)"
         for n in lengths
     ] + [
-        f"- {n} tokens: stock step peak "
-        + (f"{mem[n]['stock']:.0f} MiB" if "stock" in mem[n] else "failed")
-        for n in mem_lengths
+        f"- {n} tokens: stock step peak{f' ({a} allocator)' if several else ''} "
+        + (f"{mem[(n, a)]['stock']:.0f} MiB" if "stock" in mem[(n, a)] else "failed")
+        for n, a in mem_keys
     ]
     return "\n".join(lines) + "\n\nAbsolute (medians):\n\n" + "\n".join(abs_lines) + "\n"
 
@@ -112,6 +118,12 @@ def main() -> None:
                                                              "quick 2)")
     ap.add_argument("--mem-parallel", type=int, default=None,
                     help="memory processes at a time (default smollm2 1, toy 2)")
+    ap.add_argument("--allocators", nargs="+", choices=sorted(B.ALLOCATORS), default=["glibc", "mmap"],
+                    help="malloc settings of the memory workers (default both): glibc = the default a user runs "
+                         "with; mmap = MALLOC_MMAP_THRESHOLD_=65536, every tensor its own mapping, so the peak is "
+                         "what the step holds live, without heap fragmentation")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="peak memory only (no step times); written to the step-memory section")
     ap.add_argument("--no-peers", action="store_true", help="leave out the diffllama peer")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per worker (default 1: on a shared 2-core machine 2 threads measure the "
@@ -122,7 +134,7 @@ def main() -> None:
     a = ap.parse_args()
     shape = a.shape or ("toy" if a.quick else "smollm2")
     d = QUICK if a.quick else DEFAULTS[shape]
-    lengths = a.lengths or d["lengths"]
+    lengths = [] if a.memory_only else a.lengths or d["lengths"]
     mem_lengths = a.mem_lengths or d["mem_lengths"]
     rounds = a.rounds or d["rounds"]
     mem_parallel = a.mem_parallel or d["mem_parallel"]
@@ -131,12 +143,14 @@ def main() -> None:
     labels = [*B.REFERENCES, *methods, *peers]
 
     t_start = time.perf_counter()
-    mem: dict[int, dict[str, float]] = {}
-    for n in mem_lengths:  # memory first (a process's resident size is its own)
-        mem[n] = B.step_peaks_mib(labels, n, a.threads, parallel=mem_parallel, shape=shape, skip_failed=True)
+    mem: dict[MemKey, dict[str, float]] = {}
+    mem_keys = [(n, alloc) for n in mem_lengths for alloc in a.allocators]
+    for n, alloc in mem_keys:  # memory first (a process's resident size is its own)
+        mem[(n, alloc)] = got = B.step_peaks_mib(labels, n, a.threads, parallel=mem_parallel, shape=shape,
+                                                 skip_failed=True, allocator=alloc)
         for lab in labels:
-            peak = f"{mem[n][lab]:8.1f} MiB" if lab in mem[n] else "failed"
-            print(f"memory {lab:>12} @{n}: {peak}", flush=True)
+            peak = f"{got[lab]:8.1f} MiB" if lab in got else "failed"
+            print(f"memory {lab:>12} @{n} ({alloc}): {peak}", flush=True)
     times: dict[int, dict[str, list[float]]] = {}
     for n in lengths:
         times[n] = B.run_worker("step_times", a.threads, labels=labels, length=n, rounds=rounds, shape=shape)
@@ -146,28 +160,33 @@ def main() -> None:
     total = time.perf_counter() - t_start
 
     md = (
-        f"### Training step (forward + backward + AdamW), {B.model_description(shape)}, CPU: {B.cpu_summary()}\n\n"
+        f"### Training step{' peak memory' if a.memory_only else ''} (forward + backward + AdamW), "
+        f"{B.model_description(shape)}, CPU: {B.cpu_summary()}\n\n"
         f"Machine: {B.machine_info(a.threads)}.\n"
         + (f"{a.note}\n" if a.note else "")
-        + f"\nTime: one worker process per length builds every configuration and times them round-robin ({rounds} "
-        "rounds, one measurement each per round, order rotated each round, after 1 warm-up step each; a measurement "
-        "is the mean of k consecutive steps, k chosen so that it lasts >= 0.3 s); each ratio is the median over "
-        "rounds of the per-round ratio. Memory: one fresh process per (configuration, length), "
+        + ("\n" if a.memory_only else
+           f"\nTime: one worker process per length builds every configuration and times them round-robin ({rounds} "
+           "rounds, one measurement each per round, order rotated each round, after 1 warm-up step each; a "
+           "measurement is the mean of k consecutive steps, k chosen so that it lasts >= 0.3 s); each ratio is the "
+           "median over rounds of the per-round ratio. ")
+        + "Memory: one fresh process per (configuration, length), "
         f"{mem_parallel} at a time, peak resident size "
         "of one step (kernel high-water mark reset right before it) above the resident size before it, after a "
-        "16-token warm-up step that creates the optimizer state. Stock, stock x2 and the diffllama peer train their "
+        "16-token warm-up step that creates the optimizer state; allocators: glibc = glibc's default settings, "
+        "mmap = `MALLOC_MMAP_THRESHOLD_=65536` (every block above 64 KiB its own mapping, returned when freed: the "
+        "peak is what the step holds live, without heap fragmentation). Stock, stock x2 and the diffllama peer train their "
         "attention parameters, methods their own parameters; lambda = 0.5. `diffllama` is transformers' "
         "`DiffLlamaForCausalLM` of the same shape (a from-scratch DIFF model: same projection sizes, each head a "
         "DIFF head pair), a peer held to no target. "
         f"Targets: time <= {TIME_LIMIT} x stock x2 at every length for the two-map methods, peak memory at "
         f"{MEM_TARGET_LENGTH} <= {MEM_LIMIT} x stock for every method (values over a target in bold with ✗). "
         "(2 maps) = the method computes two attention maps per head.\n\n"
-        + table(times, mem, lengths, mem_lengths, labels)
+        + table(times, mem, lengths, mem_keys, labels)
         + f"\nTotal benchmark wall time {total:.0f} s.\n"
     )
     print(md)
     if not a.quick:
-        B.publish("step", md, ROOT)
+        B.publish("step-memory" if a.memory_only else "step", md, ROOT)
 
 
 if __name__ == "__main__":

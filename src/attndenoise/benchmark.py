@@ -319,19 +319,29 @@ def step_peak_mib(label: str, length: int, shape: str = "toy") -> float:
     return (peak - base) / 1024
 
 
+#: the memory workers' allocator settings. ``glibc``: the process as a user runs it (glibc's default, whose mmap
+#: threshold adapts upwards to 32 MiB, so most activation tensors live in the heap, where freed blocks of other sizes
+#: are kept and the resident size grows with fragmentation). ``mmap``: ``MALLOC_MMAP_THRESHOLD_=65536`` (a fixed
+#: threshold: every block above 64 KiB is its own mapping, returned to the kernel when freed), so the peak resident
+#: size is what the step holds live. The same step measured both ways tells the method's own memory from the heap's.
+ALLOCATORS: dict[str, dict[str, str]] = {"glibc": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
 def step_peaks_mib(labels: Sequence[str], length: int, threads: int, parallel: int = 2, *, shape: str = "toy",
-                   skip_failed: bool = False) -> dict[str, float]:
+                   skip_failed: bool = False, allocator: str = "glibc") -> dict[str, float]:
     """:func:`step_peak_mib` of each configuration, each in its own fresh process, ``parallel`` at a time (the
     processes' resident sizes are their own, so running them side by side does not change the figures; at a real
     shape's long lengths one at a time, so that they fit in memory together).
 
     ``skip_failed``: a configuration whose worker fails (e.g. killed for memory) is left out of the result (and
-    reported on stderr) instead of raising."""
+    reported on stderr) instead of raising. ``allocator``: a key of :data:`ALLOCATORS`, the workers' malloc
+    settings."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(lab: str) -> float | None:
         try:
-            return float(run_worker("step_peak_mib", threads, label=lab, length=length, shape=shape))
+            return float(run_worker("step_peak_mib", threads, env=ALLOCATORS[allocator], label=lab, length=length,
+                                    shape=shape))
         except subprocess.CalledProcessError as e:
             if not skip_failed:
                 raise
@@ -404,11 +414,12 @@ _TASKS: dict[str, Callable[..., Any]] = {
 }
 
 
-def run_worker(task: str, threads: int, **kwargs: Any) -> Any:
+def run_worker(task: str, threads: int, env: dict[str, str] | None = None, **kwargs: Any) -> Any:
     """Run measurement ``task`` (a function name of this module) in a fresh Python process with
-    ``torch.set_num_threads(threads)``; returns its result. Its progress lines go to this process's stderr."""
+    ``torch.set_num_threads(threads)`` and the extra environment ``env``; returns its result. Its progress lines go
+    to this process's stderr."""
     spec = json.dumps({"task": task, "threads": threads, "kwargs": kwargs})
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(env or {}))
     out = subprocess.run([sys.executable, "-m", "attndenoise.benchmark", spec], check=True, stdout=subprocess.PIPE,
                          text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
