@@ -260,6 +260,21 @@ def test_greedy_rows_equal_each_models_own_generate(family: str) -> None:
     assert short == {n: seq[:3] for n, seq in plain.items()}
 
 
+def test_greedy_rows_with_a_row_of_its_own_output_head() -> None:
+    """Rows whose head equals the base's share one batched head call per step; a row with its own (trained) head
+    runs in full. Both agree with each model's own ``generate``."""
+    base, first = deep("llama", layers=4), 2  # untied embeddings: the head can differ while the layers below agree
+    own = with_method(copy.deepcopy(base), "daa", [2, 3], seed=5)
+    with torch.no_grad():
+        own.lm_head.weight.add_(0.05 * torch.randn_like(own.lm_head.weight))
+    rows = {"base": base, "own": own, "a": with_method(copy.deepcopy(base), "dint", [2, 3], seed=6)}
+    prompt = models.inputs(1, 14, seed=4)
+    plain = {n: m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                           do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist() for n, m in rows.items()}
+    assert plain["own"] != plain["base"]
+    assert greedy_rows(base, rows, prompt, first, max_new_tokens=8, eos=[-1]) == plain
+
+
 def test_greedy_rows_takes_one_prompt() -> None:
     base = deep("llama")
     for bad in (models.inputs(2, 8), models.inputs(1, 1)):

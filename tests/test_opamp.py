@@ -209,6 +209,34 @@ def test_adapter_dropout_acts_in_training_only() -> None:
     assert not torch.equal(t1, t2)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_recomputed_adapter_branch_has_the_plain_gradients(dropout: float) -> None:
+    """The adapter recomputes its branch in the backward pass (it keeps only its input). Reference: the formula
+    ``x + c W2 gelu(W1 dropout(x))`` written out here with plain autograd, on the same dropout mask (same RNG state):
+    output and the gradients of W1, W2 and x agree."""
+    from attndenoise.methods.opamp import Adapter
+
+    torch.manual_seed(0)
+    a = Adapter(24, 6, 0.7, dropout)
+    with torch.no_grad():
+        a.adapter_up.weight.normal_(0, 0.2)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    g = torch.randn(2, 5, 24)
+    state = torch.get_rng_state()
+    y = a(x, training=True)
+    (y * g).sum().backward()
+    got = [t.grad.clone() for t in (x, a.adapter_down.weight, a.adapter_up.weight)]
+    x2 = x.detach().clone().requires_grad_(True)
+    w1 = a.adapter_down.weight.detach().clone().requires_grad_(True)
+    w2 = a.adapter_up.weight.detach().clone().requires_grad_(True)
+    torch.set_rng_state(state)
+    ref = x2 + 0.7 * F.gelu(F.dropout(x2, dropout, training=True) @ w1.T) @ w2.T
+    (ref * g).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    for mine, want in zip(got, (x2.grad, w1.grad, w2.grad), strict=True):
+        torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-6)
+
+
 def _saved(tmp_path, **extra):  # type: ignore[no-untyped-def]
     ad.save(patched("llama", **extra), tmp_path)
     return tmp_path

@@ -239,7 +239,9 @@ class _Trainer:
     def step(self, x: Any = None) -> None:
         x = self.x if x is None else x
         self.opt.zero_grad(set_to_none=True)
-        self.model(x, labels=x).loss.backward()
+        # no KV cache, as in training: transformers' Trainer sets ``config.use_cache`` to its ``use_cache``
+        # argument (False by default), while a bare model call would build a cache from the config's True
+        self.model(x, labels=x, use_cache=False).loss.backward()
         self.opt.step()
 
 

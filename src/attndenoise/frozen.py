@@ -319,6 +319,12 @@ def greedy_rows(
         layer.keys = layer.keys.expand(len(names), *layer.keys.shape[1:])
         layer.values = layer.values.expand(len(names), *layer.values.shape[1:])
         lower.layers[i] = layer
+    # The rows whose output head equals the base's get their next token from one batched head call per step: the
+    # head's weight (vocabulary x hidden, the largest matrix of a small model) is read once per step, not once per
+    # row. Any logit post-processing a family applies after the head (a soft cap, a scale) is monotone, so the argmax
+    # of the head's output is the greedy token. A row with its own head (e.g. a trained lm_head) runs in full.
+    head = base.get_output_embeddings()
+    shared_head = {n: _same_head(rows[n].get_output_embeddings(), head) for n in names}
     stops = set(int(t) for t in eos)
     out: dict[str, list[int]] = {n: [] for n in names}
     live = list(range(len(names)))
@@ -334,17 +340,44 @@ def greedy_rows(
                 mine.keys, mine.values = src.keys[r : r + 1], src.values[r : r + 1]
                 cache.layers[i] = mine
         hidden = lower_split.capture(input_ids=tokens, past_key_values=lower, use_cache=True)
-        for r in list(live):
+        nexts: dict[int, int] = {}
+        finals: list[tuple[int, torch.Tensor]] = []
+        for r in live:
             name = names[r]
             with splits[name].replay(hidden[r : r + 1]):
-                logits = rows[name](input_ids=tokens[r : r + 1], past_key_values=caches[name], use_cache=True,
-                                    logits_to_keep=1).logits
-            nxt = int(logits[0, -1].argmax())
+                if shared_head[name]:
+                    state = rows[name].base_model(input_ids=tokens[r : r + 1], past_key_values=caches[name],
+                                                  use_cache=True).last_hidden_state
+                    finals.append((r, state[0, -1]))
+                else:
+                    logits = rows[name](input_ids=tokens[r : r + 1], past_key_values=caches[name], use_cache=True,
+                                        logits_to_keep=1).logits
+                    nexts[r] = int(logits[0, -1].argmax())
+        if finals:
+            picked = head(torch.stack([f for _, f in finals])).argmax(-1).tolist()
+            nexts.update({r: int(t) for (r, _), t in zip(finals, picked, strict=True)})
+        for r in list(live):
+            name = names[r]
+            nxt = nexts[r]
             out[name].append(nxt)
             tokens[r, 0] = nxt
             if nxt in stops or len(out[name]) >= max_new_tokens or (stop is not None and stop(out[name])):
                 live.remove(r)  # its lower-layer row keeps being fed (its last token), its top layers stop
     return out
+
+
+def _same_head(a: nn.Module | None, b: nn.Module | None) -> bool:
+    """Whether output heads ``a`` and ``b`` compute the same function (the same module, or linear layers with equal
+    weights and biases)."""
+    if a is None or b is None:
+        return False
+    if a is b:
+        return True
+    if type(a) is not nn.Linear or type(b) is not nn.Linear:
+        return False
+    same_bias = (a.bias is None and b.bias is None) or (
+        a.bias is not None and b.bias is not None and torch.equal(a.bias, b.bias))
+    return a.weight.shape == b.weight.shape and torch.equal(a.weight, b.weight) and same_bias
 
 
 def same_below(base: nn.Module, row: nn.Module, first: int) -> bool:

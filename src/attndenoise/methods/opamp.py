@@ -45,6 +45,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import registry
 from ..config import ConfigError, MethodConfig, boolean, choice, positive
@@ -114,8 +115,19 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.adapter_up.weight)
 
     def forward(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
-        h = F.gelu(self.adapter_down(F.dropout(x, self.dropout, training=training)))
-        return x + self.scaling * self.adapter_up(h)
+        if torch.is_grad_enabled() and (x.requires_grad or self.adapter_down.weight.requires_grad):
+            # Recompute the branch in the backward pass instead of keeping its activations: the dropped input
+            # (as large as x, one per adapter), the bottleneck and its GELU. Only x is kept, and x is the query or
+            # key the attention keeps anyway; the branch costs two thin matmuls, so the recompute is cheap. The
+            # RNG state is restored for the recompute, so the dropout mask and the gradients are the same.
+            branch = checkpoint(self.branch, x, training, use_reentrant=False, preserve_rng_state=True)
+        else:
+            branch = self.branch(x, training)
+        return x + self.scaling * branch
+
+    def branch(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """``W2 phi(W1 dropout(x))``, the adapter without its residual and scaling."""
+        return self.adapter_up(F.gelu(self.adapter_down(F.dropout(x, self.dropout, training=training))))
 
     def on_heads(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
         """Apply to ``x`` (B, heads, N, d) with the heads concatenated per position: (B, N, heads * d)."""
