@@ -323,8 +323,8 @@ def greedy_rows(
     # head's weight (vocabulary x hidden, the largest matrix of a small model) is read once per step, not once per
     # row. Any logit post-processing a family applies after the head (a soft cap, a scale) is monotone, so the argmax
     # of the head's output is the greedy token. A row with its own head (e.g. a trained lm_head) runs in full.
-    head = base.get_output_embeddings()
-    shared_head = {n: _same_head(rows[n].get_output_embeddings(), head) for n in names}
+    head: Any = base.get_output_embeddings()  # type: ignore[operator]
+    shared_head = {n: _same_head(rows[n].get_output_embeddings(), head) for n in names}  # type: ignore[operator]
     stops = set(int(t) for t in eos)
     out: dict[str, list[int]] = {n: [] for n in names}
     live = list(range(len(names)))
@@ -346,8 +346,9 @@ def greedy_rows(
             name = names[r]
             with splits[name].replay(hidden[r : r + 1]):
                 if shared_head[name]:
-                    state = rows[name].base_model(input_ids=tokens[r : r + 1], past_key_values=caches[name],
-                                                  use_cache=True).last_hidden_state
+                    decoder: Any = rows[name].base_model  # the model without its head
+                    state = decoder(input_ids=tokens[r : r + 1], past_key_values=caches[name],
+                                    use_cache=True).last_hidden_state
                     finals.append((r, state[0, -1]))
                 else:
                     logits = rows[name](input_ids=tokens[r : r + 1], past_key_values=caches[name], use_cache=True,
