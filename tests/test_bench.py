@@ -23,8 +23,8 @@ def test_bench_quick_prints_ratios() -> None:
     assert len(ratios) == 4, rows[0]  # step x stock, x stock x2, peak memory x stock, decode x stock
     assert all(0 < r < 50 for r in ratios), rows[0]
     assert "stock:" in result.output and "ms/step" in result.output
-    # a guard against a runaway quick mode, not a speed measurement: about 30 s idle, 160 s measured beside a
-    # 2-thread job on the 2-core machine
+    # a guard against a runaway quick mode, not a speed measurement (it took 160 s beside a 2-thread job on the
+    # 2-core machine)
     assert elapsed < 400, f"quick mode took {elapsed:.0f} s"
 
 
