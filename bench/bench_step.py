@@ -16,7 +16,10 @@ held to no target.
 Memory: every (configuration, length) runs in its own fresh process (two at a time on the toy, one at a time on
 smollm2, so that long steps fit in memory): one 16-token warm-up step (creates the optimizer state), then the peak
 resident size of one full step (kernel high-water mark ``VmHWM``, reset right before the step) above the resident
-size right before it. A worker that fails (e.g. killed for memory) is reported as such in the table.
+size right before it, under each allocator setting of ``--allocators`` (default both: ``glibc``, glibc's default,
+and ``mmap``, ``MALLOC_MMAP_THRESHOLD_=65536``, whose peak is what the step holds live, without heap fragmentation;
+``attndenoise.benchmark.ALLOCATORS``). A worker that fails (e.g. killed for memory) is reported as such in the table.
+``--memory-only`` skips the step times and writes the ``step-memory`` section instead of ``step``.
 
     python bench/bench_step.py [--shape smollm2|toy] [--lengths 512 1024 2048] [--mem-lengths 4096 8192]
                                [--methods daa dex ...] [--rounds 3] [--threads 1]
