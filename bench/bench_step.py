@@ -67,12 +67,9 @@ MemKey = tuple[int, str]  # (length, allocator)
 def table(times: dict[int, dict[str, list[float]]], mem: dict[MemKey, dict[str, float]], lengths: list[int],
           mem_keys: list[MemKey], labels: list[str]) -> str:
     several = len({a for _, a in mem_keys}) > 1
-    head = "| method | " + " | ".join(
-        f"time/stock @{n} | time/(stock x2) @{n}" for n in lengths
-    ) + "".join(f" | peak mem/stock @{n}{f' ({a})' if several else ''}" for n, a in mem_keys) + " | targets met |"
-    if not lengths:
-        head = head.replace("| method |  |", "| method |")
-    lines = [head, "|" + "---|" * (2 + 2 * len(lengths) + len(mem_keys))]
+    columns = ["method", *(c for n in lengths for c in (f"time/stock @{n}", f"time/(stock x2) @{n}")),
+               *(f"peak mem/stock @{n}{f' ({a})' if several else ''}" for n, a in mem_keys), "targets met"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for lab in labels:
         held = lab not in B.REFERENCES and lab not in B.PEERS
         cells, ok = [], []

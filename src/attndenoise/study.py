@@ -51,8 +51,6 @@ PAPER_ROWS: tuple[str, ...] = ("none", "lora", *(f"{m}+attn" for m in ATTENTION_
 #: the default on a 2-core CPU (150 minutes): one method of each paper in its protocol, and the two baselines --
 #: DAA for the DAA / DiffQ / DiffK / DiffV / DEX paper, the DIFF retrofit, DINT, OpAmp with LoRA
 DEFAULT_ROWS: tuple[str, ...] = ("none", "lora", "daa+attn", "diff+attn", "dint+attn", "opamp+lora")
-#: named row sets accepted by ``--rows``
-ROW_SETS: dict[str, Callable[[], tuple[str, ...]]] = {}
 #: learning rates tried per protocol on validation (the baseline of the protocol decides). Centred on what the
 #: validation split chose for SmolLM2-135M on NQ when the grids started 10x lower (attention 9e-4, LoRA 3e-3, both
 #: inside their extended grids); a best value at a grid's top edge still extends it upwards.
@@ -82,7 +80,9 @@ def full_rows() -> tuple[str, ...]:
             *(r for m in ms for r in (m, f"lora~{m}")))
 
 
-ROW_SETS.update({"default": lambda: DEFAULT_ROWS, "papers": lambda: PAPER_ROWS, "full": full_rows})
+#: named row sets accepted by ``--rows``
+ROW_SETS: dict[str, Callable[[], tuple[str, ...]]] = {
+    "default": lambda: DEFAULT_ROWS, "papers": lambda: PAPER_ROWS, "full": full_rows}
 
 
 def expand_rows(labels: Sequence[str]) -> tuple[str, ...]:
@@ -476,7 +476,7 @@ class Study:
         hidden = (cached_hidden(self.split, prompts, self.signature) if self.split is not None
                   else [None] * len(prompts))
         out: dict[str, dict[str, Any]] = {}
-        for name, model in {**({BASE: self.base} if include_base else {}), **models}.items():
+        for name, model in self._measured(models, include_base).items():
             layers = attention_layers(model)[self.first:]
             per: list[list[float]] = []
             uniform: list[float] = []
@@ -508,6 +508,10 @@ class Study:
                          "uniform_gold": sum(uniform) / len(uniform), "n": len(per)}
         return out
 
+    def _measured(self, models: dict[str, nn.Module], include_base: bool) -> dict[str, nn.Module]:
+        """``models``, after the base when ``include_base``: what :meth:`attention_to_gold` and :meth:`needle` run."""
+        return {**({BASE: self.base} if include_base else {}), **models}
+
     def cached_per_model(self, kind: str, models: dict[str, nn.Module], digests: dict[str, str],
                          measure: Callable[..., dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
         """``measure`` (:meth:`attention_to_gold` or :meth:`needle`) of the base and ``models``, each model measured
@@ -536,7 +540,7 @@ class Study:
         if not self.cfg.needle_n:
             return {}
         out = {}
-        for name, model in {**({BASE: self.base} if include_base else {}), **models}.items():
+        for name, model in self._measured(models, include_base).items():
             cells = evaluate_needle(model, self.tok, context_lengths=(self.cfg.needle_length,),
                                     depths=(0.25, 0.75), n=self.cfg.needle_n, batch_size=4)
             # best-subspan EM: a chat model answers "The pass key is 95499." (EM 0, the key retrieved)

@@ -77,14 +77,10 @@ def build_tokenizer(vocabulary: Iterable[str], *, model_max_length: int = 2048) 
     )
 
 
-
-
 def normalize_answer(text: str) -> str:
     """Deprecated: :func:`attndenoise.evaluate.normalize_text`, the one answer normaliser of the synthetic tasks
     (SQuAD's rule, with the digits a word-level tokenizer decodes apart joined again: ``"7 3 9 1 4"`` -> ``"73914"``).
     """
-    import warnings
-
     from ..evaluate import normalize_text  # lazily: evaluation code imports this module
 
     warnings.warn("attndenoise.data.normalize_answer is deprecated: use attndenoise.evaluate.normalize_text",
