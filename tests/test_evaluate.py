@@ -478,6 +478,14 @@ def test_progress_lines_give_elapsed_and_eta() -> None:
     assert stream.getvalue().splitlines() == ["eval: noise 0 done (25%); elapsed 10 s, ETA 30 s",
                                               "eval: noise 0.9 done (75%); elapsed 40 s, ETA 13 s"]
     assert format_seconds(185) == "3 min 05 s" and format_seconds(float("nan")) == "?"
+    # A resumed run: 6 of 10 units were stored (0 s each), then 2 units take 20 s: the rate is 2 units per 20 s, so
+    # the 2 left take 20 s (counting the stored units in the rate would say 5 s).
+    clock = iter([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0, 20.0])
+    r = Progress(10.0, "", stream=io.StringIO(), bar=False, clock=lambda: next(clock))
+    lines = [r.advance(f"q{i}", timed=False) for i in range(6)]
+    assert lines[-1] == "q5 done (60%); elapsed 0 s, ETA ?"
+    r.advance("q6")
+    assert r.advance("q7") == "q7 done (80%); elapsed 20 s, ETA 20 s"
     # Demo rows: 2 trained rows left at their own mean (30 s), 1 evaluated row left at its mean (5 s).
     assert eta_seconds({"eval": [4.0, 6.0], "train": [20.0, 40.0]}, {"eval": 1, "train": 2}) == 65.0
     # No trained row finished yet: the mean of every finished row (5 s) stands in.

@@ -46,7 +46,9 @@ def eta_seconds(done: Mapping[str, Sequence[float]], remaining: Mapping[str, int
 
 class Progress:
     """Finished-work reporter over a total *weight* (a cost estimate per unit, e.g. the number of prompt tokens):
-    the ETA is ``elapsed * remaining weight / finished weight``.
+    the ETA is ``elapsed * remaining weight / finished weight``. Units found already done (a resumed run's stored
+    results) are advanced with ``timed=False``: they count towards the share done but not towards the rate, which
+    would otherwise promise a resumed run an ETA of seconds.
 
     ``bar=None`` draws a rich bar when ``stream`` is a terminal and writes lines otherwise.
     """
@@ -55,6 +57,7 @@ class Progress:
                  bar: bool | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         self.total = float(total)
         self.done = 0.0
+        self.timed = 0.0  # the weight finished by work done in this call (the rate's denominator)
         self.units = 0
         self.description = description
         self.stream = stream if stream is not None else sys.stderr
@@ -76,14 +79,20 @@ class Progress:
 
     def eta(self, elapsed: float | None = None) -> float:
         """Seconds left by the finished share of the weight (``nan`` before anything has finished)."""
-        if self.done <= 0:
+        left = max(0.0, self.total - self.done)
+        if left == 0:
+            return 0.0
+        if self.timed <= 0:
             return float("nan")
         elapsed = self.clock() - self.start if elapsed is None else elapsed
-        return elapsed * max(0.0, self.total - self.done) / self.done
+        return elapsed * left / self.timed
 
-    def advance(self, what: str, weight: float = 1.0) -> str:
-        """Mark one unit (``what`` names it) of ``weight`` finished; returns the line it reports."""
+    def advance(self, what: str, weight: float = 1.0, *, timed: bool = True) -> str:
+        """Mark one unit (``what`` names it) of ``weight`` finished; returns the line it reports. ``timed=False``
+        for a unit that was found already done and took no work."""
         self.done += weight
+        if timed:
+            self.timed += weight
         self.units += 1
         elapsed = self.clock() - self.start
         line = (f"{self.description + ': ' if self.description else ''}{what} done "

@@ -390,7 +390,7 @@ class Study:
 
     @torch.no_grad()
     def evaluate(self, models: dict[str, nn.Module], digests: dict[str, str],
-                 advance: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+                 advance: Callable[[str, bool], None]) -> dict[str, list[dict[str, Any]]]:
         """Every model's answer to every test prompt; one file per (setting, question) holds them all."""
         from transformers import StoppingCriteriaList
 
@@ -440,7 +440,7 @@ class Study:
                                        "prompt_tokens": enc.prompt_length, "answers": answers,
                                        "seconds": saved.get("seconds", 0.0) + time.perf_counter() - start})
                 rows_out.append({"question": ex.question, "answers": {m: answers[m] for m in models}})
-                advance(f"{name} question {len(rows_out)}/{len(self.test)}")
+                advance(f"{name} question {len(rows_out)}/{len(self.test)}", bool(missing))
             results[name] = rows_out
         return results
 
@@ -619,10 +619,11 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     return write_study_report(Path(cfg.out), answers, attention, needle, meta)
 
 
-def _advancer(reporter: Any) -> Callable[[str], None]:
-    def advance(what: str) -> None:
+def _advancer(reporter: Any) -> Callable[[str, bool], None]:
+    """``advance(what, computed)``: a question whose answers were all stored counts as done but not in the rate."""
+    def advance(what: str, computed: bool) -> None:
         if reporter is not None:
-            reporter.advance(what)
+            reporter.advance(what, timed=computed)
     return advance
 
 
