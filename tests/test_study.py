@@ -320,3 +320,30 @@ def test_method_lr_trains_the_method_at_its_own_rate(tmp_path: Path, monkeypatch
     assert any(not torch.allclose(m0[k], init[k], atol=1e-6) for k in m0)  # at 1e-3 it did
     with pytest.raises(Exception, match="method_lr sets the method's own rate"):
         train(method="daa", method_lr=1e-3, out=str(tmp_path / "x"), progress=False)
+
+
+def test_trained_models_share_the_bases_frozen_parts_and_compute_their_own_logits(
+        finished: tuple[StudyConfig, list[str]], tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Study.trained`` keeps one copy of the frozen layers, embeddings and (untrained) head for every model; the
+    shared model's logits equal those of the run loaded on its own into a fresh model (LoRA merged)."""
+    from attndenoise.frozen import decoder_layers
+    from attndenoise.study import Study
+
+    cfg, _ = finished
+    out = Path(cfg.out)
+    monkeypatch.setenv("ATTNDENOISE_CACHE", str(out.parent / "cache"))
+    study = Study(cfg, log=lambda _: None)
+    prompt = torch.randint(0, 200, (1, 12))
+    lr = json.loads((out / "selection.json").read_text())["learning_rate"]
+    for label in ("daa+attn", "opamp+lora"):
+        run = next(p for p in (out / "runs").iterdir()
+                   if p.name.startswith(f"{label}-s0-lr{lr[parse_row(label).protocol]:g}"))
+        shared = study.trained(run)
+        assert shared.get_output_embeddings() is study.base.get_output_embeddings()
+        assert shared.get_input_embeddings() is study.base.get_input_embeddings()
+        assert all(decoder_layers(shared)[i] is decoder_layers(study.base)[i] for i in range(study.first))
+        alone = load_trained(AutoModelForCausalLM.from_pretrained(tiny_folder), run)
+        with torch.no_grad():
+            want = alone(input_ids=prompt).logits
+            got = shared(input_ids=prompt).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

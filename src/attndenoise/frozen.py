@@ -324,7 +324,7 @@ def greedy_rows(
     # row. Any logit post-processing a family applies after the head (a soft cap, a scale) is monotone, so the argmax
     # of the head's output is the greedy token. A row with its own head (e.g. a trained lm_head) runs in full.
     head: Any = base.get_output_embeddings()  # type: ignore[operator]
-    shared_head = {n: _same_head(rows[n].get_output_embeddings(), head) for n in names}  # type: ignore[operator]
+    shared_head = {n: same_head(rows[n].get_output_embeddings(), head) for n in names}  # type: ignore[operator]
     stops = set(int(t) for t in eos)
     out: dict[str, list[int]] = {n: [] for n in names}
     live = list(range(len(names)))
@@ -367,7 +367,7 @@ def greedy_rows(
     return out
 
 
-def _same_head(a: nn.Module | None, b: nn.Module | None) -> bool:
+def same_head(a: nn.Module | None, b: nn.Module | None) -> bool:
     """Whether output heads ``a`` and ``b`` compute the same function (the same module, or linear layers with equal
     weights and biases)."""
     if a is None or b is None:
@@ -389,4 +389,4 @@ def same_below(base: nn.Module, row: nn.Module, first: int) -> bool:
 
 
 __all__ = ["FrozenPrefix", "FrozenPrefixError", "cached_hidden", "decoder_layers", "greedy_rows", "prefill_rows",
-           "same_below"]
+           "same_below", "same_head"]

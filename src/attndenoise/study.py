@@ -280,8 +280,10 @@ class Study:
         return out
 
     def trained(self, run_dir: Path) -> nn.Module:
-        """The trained model of a run, its LoRA merged, its frozen layers shared with the base (checked equal)."""
-        from .frozen import decoder_layers, same_below
+        """The trained model of a run, its LoRA merged, its frozen layers shared with the base (checked equal), and
+        its embeddings and output head too when they were not trained (about 113 MB per model for SmolLM2's
+        vocabulary; ``greedy_rows`` then finds the base's head by identity)."""
+        from .frozen import decoder_layers, same_below, same_head
         from .train import load_trained
 
         model: Any = load_trained(copy.deepcopy(self.stock), run_dir)
@@ -294,6 +296,11 @@ class Study:
         mine, shared = decoder_layers(model), decoder_layers(self.base)
         for i in range(self.first):
             mine[i] = shared[i]  # one copy of the frozen layers in memory for every compared model
+        base: Any = self.base
+        if same_head(model.get_output_embeddings(), base.get_output_embeddings()):
+            # same_below checked the input embeddings equal; a tied pair stays tied (the base's two are one tensor)
+            model.set_input_embeddings(base.get_input_embeddings())
+            model.set_output_embeddings(base.get_output_embeddings())
         return model.eval()
 
     # -- validation ----------------------------------------------------------------------------------------
