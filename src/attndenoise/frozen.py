@@ -327,43 +327,54 @@ def greedy_rows(
     shared_head = {n: same_head(rows[n].get_output_embeddings(), head) for n in names}  # type: ignore[operator]
     stops = set(int(t) for t in eos)
     out: dict[str, list[int]] = {n: [] for n in names}
+    # ``live`` lists the unfinished rows in the order of the lower layers' batch: position j of that batch (its cache
+    # entries, its token) belongs to row ``live[j]``. A finished row leaves the batch, so the lower layers, their
+    # attention and the cache's per-step concatenation cost only what is still decoding (the trained rows' short
+    # answers end well before the base's sentences).
     live = list(range(len(names)))
     tokens = prompt[:, -1:].expand(len(names), 1).clone()
     while live:
-        for r in live:
+        for j, r in enumerate(live):
             # This row's view of the lower layers' cache *before* this step: the row's forward reads its past
             # length (positions, masks) there; its own lower layers are skipped and never append to it.
             cache = caches[names[r]]
             for i in range(first):
                 src: Any = lower.layers[i]
                 mine = copy.copy(src)
-                mine.keys, mine.values = src.keys[r : r + 1], src.values[r : r + 1]
+                mine.keys, mine.values = src.keys[j : j + 1], src.values[j : j + 1]
                 cache.layers[i] = mine
         hidden = lower_split.capture(input_ids=tokens, past_key_values=lower, use_cache=True)
         nexts: dict[int, int] = {}
         finals: list[tuple[int, torch.Tensor]] = []
-        for r in live:
+        for j, r in enumerate(live):
             name = names[r]
-            with splits[name].replay(hidden[r : r + 1]):
+            with splits[name].replay(hidden[j : j + 1]):
                 if shared_head[name]:
                     decoder: Any = rows[name].base_model  # the model without its head
-                    state = decoder(input_ids=tokens[r : r + 1], past_key_values=caches[name],
+                    state = decoder(input_ids=tokens[j : j + 1], past_key_values=caches[name],
                                     use_cache=True).last_hidden_state
                     finals.append((r, state[0, -1]))
                 else:
-                    logits = rows[name](input_ids=tokens[r : r + 1], past_key_values=caches[name], use_cache=True,
+                    logits = rows[name](input_ids=tokens[j : j + 1], past_key_values=caches[name], use_cache=True,
                                         logits_to_keep=1).logits
                     nexts[r] = int(logits[0, -1].argmax())
         if finals:
             picked = head(torch.stack([f for _, f in finals])).argmax(-1).tolist()
             nexts.update({r: int(t) for (r, _), t in zip(finals, picked, strict=True)})
-        for r in list(live):
+        keep: list[int] = []
+        for j, r in enumerate(live):
             name = names[r]
             nxt = nexts[r]
             out[name].append(nxt)
-            tokens[r, 0] = nxt
-            if nxt in stops or len(out[name]) >= max_new_tokens or (stop is not None and stop(out[name])):
-                live.remove(r)  # its lower-layer row keeps being fed (its last token), its top layers stop
+            tokens[j, 0] = nxt
+            if not (nxt in stops or len(out[name]) >= max_new_tokens or (stop is not None and stop(out[name]))):
+                keep.append(j)
+        if len(keep) < len(live):  # rows finished: drop them from the lower layers' batch
+            index = torch.tensor(keep, dtype=torch.long)
+            for i in range(first):
+                lower.layers[i].reorder_cache(index)  # type: ignore[arg-type]  # (the beam-search reorder)
+            tokens = tokens.index_select(0, index)
+            live = [live[j] for j in keep]
     return out
 
 
