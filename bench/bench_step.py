@@ -124,6 +124,8 @@ def main() -> None:
                          "what the step holds live, without heap fragmentation")
     ap.add_argument("--memory-only", action="store_true",
                     help="peak memory only (no step times); written to the step-memory section")
+    ap.add_argument("--time-only", action="store_true",
+                    help="skip the peak-memory measurement (the step section then holds the time columns only)")
     ap.add_argument("--no-peers", action="store_true", help="leave out the diffllama peer")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per worker (default 1: on a shared 2-core machine 2 threads measure the "
@@ -135,7 +137,9 @@ def main() -> None:
     shape = a.shape or ("toy" if a.quick else "smollm2")
     d = QUICK if a.quick else DEFAULTS[shape]
     lengths = [] if a.memory_only else a.lengths or d["lengths"]
-    mem_lengths = a.mem_lengths or d["mem_lengths"]
+    if a.time_only and a.memory_only:
+        ap.error("--time-only and --memory-only exclude each other")
+    mem_lengths = [] if a.time_only else a.mem_lengths or d["mem_lengths"]
     rounds = a.rounds or d["rounds"]
     mem_parallel = a.mem_parallel or d["mem_parallel"]
     methods = a.methods or B.trainable_methods()
@@ -169,17 +173,19 @@ def main() -> None:
            "rounds, one measurement each per round, order rotated each round, after 1 warm-up step each; a "
            "measurement is the mean of k consecutive steps, k chosen so that it lasts >= 0.3 s); each ratio is the "
            "median over rounds of the per-round ratio. ")
-        + "Memory: one fresh process per (configuration, length), "
-        f"{mem_parallel} at a time, peak resident size "
-        "of one step (kernel high-water mark reset right before it) above the resident size before it, after a "
-        "16-token warm-up step that creates the optimizer state; allocators: glibc = glibc's default settings, "
-        "mmap = `MALLOC_MMAP_THRESHOLD_=65536` (every block above 64 KiB its own mapping, returned when freed: the "
-        "peak is what the step holds live, without heap fragmentation). Stock, stock x2 and the diffllama peer train "
-        "their attention parameters, methods their own parameters; lambda = 0.5. `diffllama` is transformers' "
-        "`DiffLlamaForCausalLM` of the same shape (a from-scratch DIFF model: same projection sizes, each head a "
-        "DIFF head pair), a peer held to no target. "
-        f"Targets: time <= {TIME_LIMIT} x stock x2 at every length for the two-map methods, peak memory at "
-        f"{MEM_TARGET_LENGTH} <= {MEM_LIMIT} x stock for every method (values over a target in bold with ✗). "
+        + ("" if not mem_keys else
+           f"Memory: one fresh process per (configuration, length), {mem_parallel} at a time, peak resident size "
+           "of one step (kernel high-water mark reset right before it) above the resident size before it, after a "
+           "16-token warm-up step that creates the optimizer state; allocators: glibc = glibc's default settings, "
+           "mmap = `MALLOC_MMAP_THRESHOLD_=65536` (every block above 64 KiB its own mapping, returned when freed: "
+           "the peak is what the step holds live, without heap fragmentation). ")
+        + "Stock, stock x2 and the diffllama peer train their attention parameters, methods their own parameters; "
+        "lambda = 0.5. `diffllama` is transformers' `DiffLlamaForCausalLM` of the same shape (a from-scratch DIFF "
+        "model: same projection sizes, each head a DIFF head pair), a peer held to no target. "
+        + (f"Targets: time <= {TIME_LIMIT} x stock x2 at every length for the two-map methods" if lengths else "")
+        + (", " if lengths and mem_keys else "")
+        + (f"peak memory at {MEM_TARGET_LENGTH} <= {MEM_LIMIT} x stock for every method" if mem_keys else "")
+        + " (values over a target in bold with ✗). "
         "(2 maps) = the method computes two attention maps per head.\n\n"
         + table(times, mem, lengths, mem_keys, labels)
         + f"\nTotal benchmark wall time {total:.0f} s.\n"
