@@ -325,7 +325,7 @@ def test_method_lr_trains_the_method_at_its_own_rate(tmp_path: Path, monkeypatch
 def test_trained_models_share_the_bases_frozen_parts_and_compute_their_own_logits(
         finished: tuple[StudyConfig, list[str]], tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``Study.trained`` keeps one copy of the frozen layers, embeddings and (untrained) head for every model; the
-    shared model's logits equal those of the run loaded on its own into a fresh model (LoRA merged)."""
+    shared model's logits equal those of the run loaded on its own into a fresh model (its LoRA unmerged)."""
     from attndenoise.frozen import decoder_layers
     from attndenoise.study import Study
 
