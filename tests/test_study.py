@@ -347,3 +347,22 @@ def test_trained_models_share_the_bases_frozen_parts_and_compute_their_own_logit
             want = alone(input_ids=prompt).logits
             got = shared(input_ids=prompt).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_resumed_study_reports_progress_weighted_by_setting_cost(finished: tuple[StudyConfig, list[str]],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A resumed study with every answer stored: each question advances the share done by its setting's cost
+    (1 + k/4: k0 1, k9 3.25, k19 5.75), and no ETA is promised from stored answers (they took no time)."""
+    from dataclasses import replace
+
+    cfg, _ = finished
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNDENOISE_CACHE", str(Path(cfg.out).parent / "cache"))
+        run_study(replace(cfg, progress=True), log=lambda _: None)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("test answers:")]
+    assert len(lines) == 3 * cfg.n
+    total = (1 + 3.25 + 5.75) * cfg.n  # n = 2 questions per setting
+    shares = [round(100 * c / total) for c in (1, 2, 2 + 3.25, 2 + 6.5, 8.5 + 5.75, 20)]
+    assert [ln.split("(")[1].split("%")[0] for ln in lines] == [str(s) for s in shares]
+    assert all(ln.endswith("ETA ?") for ln in lines[:-1]) and lines[-1].endswith("ETA 0 s")
