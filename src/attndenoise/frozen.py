@@ -371,8 +371,7 @@ def greedy_rows(
                 keep.append(j)
         if len(keep) < len(live):  # rows finished: drop them from the lower layers' batch
             index = torch.tensor(keep, dtype=torch.long)
-            for i in range(first):
-                lower.layers[i].reorder_cache(index)  # type: ignore[arg-type]  # (the beam-search reorder)
+            lower.batch_select_indices(index)  # every layer of the cache; the empty upper ones are skipped
             tokens = tokens.index_select(0, index)
             live = [live[j] for j in keep]
     return out
